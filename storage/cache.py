@@ -1,0 +1,229 @@
+"""A cache directory's lifecycle: open for capture (or resume), list finished shards, finalize the manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from logitcache.storage.fingerprint import sha256_file
+from logitcache.storage.schema import (
+    CAPTURE_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REPLICAS_DIR,
+    SHARDS_DIR,
+    CacheFormatError,
+    validate_header,
+)
+from logitcache.storage.writer import atomic_write_json, shard_name_re
+
+__all__ = [
+    "CaptureState",
+    "open_capture",
+    "complete_shards",
+    "done_sequence_ids",
+    "write_replica_summary",
+    "finalize_cache",
+    "IDENTITY_SECTIONS",
+    "logitcache_version",
+]
+
+log = logging.getLogger(__name__)
+
+# What makes two captures "the same cache": a rerun must agree on all of these, except the keys below.
+IDENTITY_SECTIONS = ("teacher", "tokenizer", "capture", "dataset", "num_replicas")
+_IDENTITY_IGNORED = {"teacher.engine_version"}
+
+
+def logitcache_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("logitcache")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class CaptureState:
+    """What `open_capture` found: the header in force and whether the cache is already finalized."""
+
+    path: Path
+    header: dict[str, Any]
+    finished: bool
+
+
+def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(doc, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): doc}
+
+
+def _identity(header: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flatten({k: header.get(k) for k in IDENTITY_SECTIONS})
+    return {k: v for k, v in flat.items() if k not in _IDENTITY_IGNORED}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheFormatError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+
+
+def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureState:
+    """Creates a cache directory for `header`, or checks that an existing one was made with the same identity.
+
+    Raises CacheFormatError when the directory holds something else, or a cache made with other settings
+    (naming each differing field), so a rerun can never mix two teachers' outputs in one cache.
+    """
+    root = Path(cache_dir)
+    header = {"format_version": FORMAT_VERSION, "logitcache_version": logitcache_version(), **header}
+    validate_header(header, "capture header")
+    capture_path = root / CAPTURE_NAME
+    if capture_path.exists():
+        existing = _read_json(capture_path)
+        old, new = _identity(existing), _identity(header)
+        diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diffs:
+            detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs[:8])
+            raise CacheFormatError(
+                f"{root} already holds a cache made with different settings ({detail}). "
+                "Use another --output directory, or delete this one to recapture."
+            )
+        return CaptureState(root, existing, (root / MANIFEST_NAME).exists())
+    if root.exists() and any(root.iterdir()):
+        raise CacheFormatError(
+            f"{root} exists and is not a logitcache cache (no {CAPTURE_NAME}); "
+            "choose an empty or new --output directory"
+        )
+    (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    (root / REPLICAS_DIR).mkdir(exist_ok=True)
+    header = {**header, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(capture_path, header)
+    return CaptureState(root, header, False)
+
+
+def describe_shard(path: Path) -> dict[str, Any]:
+    """Sidecar metadata recomputed from a complete shard file (when a process died before writing it)."""
+    pf = pq.ParquetFile(path)
+    table = pf.read(columns=["sequence_id", "input_ids"])
+    ids = table.column("sequence_id").to_numpy()
+    lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    return {
+        "path": f"{SHARDS_DIR}/{path.name}",
+        "num_sequences": len(ids),
+        "num_tokens": int(lengths.sum()),
+        "num_row_groups": pf.metadata.num_row_groups,
+        "num_bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "sequence_id_min": int(ids.min()),
+        "sequence_id_max": int(ids.max()),
+    }
+
+
+def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[dict[str, Any]]:
+    """Sidecar dicts of the finished shards (all, or one replica's `prefix`), sorted by path.
+
+    Deletes that prefix's half-written `*.tmp` files (a killed writer's leftovers) and rewrites missing sidecars.
+    """
+    shard_dir = Path(cache_dir) / SHARDS_DIR
+    if not shard_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(shard_dir.iterdir()):
+        if p.name.endswith(".tmp"):
+            m = shard_name_re.match(p.name.removesuffix(".tmp"))
+            if m and (prefix is None or m["prefix"] == prefix):
+                log.info("removing unfinished shard %s", p)
+                p.unlink()
+            continue
+        m = shard_name_re.match(p.name)
+        if not m or (prefix is not None and m["prefix"] != prefix):
+            continue
+        sidecar = p.with_name(p.name + ".json")
+        if sidecar.exists():
+            out.append(_read_json(sidecar))
+        else:
+            info = describe_shard(p)
+            atomic_write_json(sidecar, info)
+            out.append(info)
+    return out
+
+
+def done_sequence_ids(cache_dir: str | Path, shards: list[dict[str, Any]]) -> np.ndarray:
+    """int64 ids of every sequence stored in `shards` (reads only the sequence_id column)."""
+    root = Path(cache_dir)
+    parts = [pq.read_table(root / s["path"], columns=["sequence_id"]).column(0).to_numpy() for s in shards]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _summary_path(root: Path, replica: int, num_replicas: int) -> Path:
+    return root / REPLICAS_DIR / f"r{replica:03d}-of-{num_replicas:03d}.json"
+
+
+def write_replica_summary(cache_dir: str | Path, *, replica: int, num_replicas: int, summary: Mapping[str, Any]) -> None:
+    """Records that replica `replica` of `num_replicas` finished (rows seen, skipped rows by reason, ...)."""
+    root = Path(cache_dir)
+    (root / REPLICAS_DIR).mkdir(exist_ok=True)
+    atomic_write_json(
+        _summary_path(root, replica, num_replicas), {"replica": replica, "num_replicas": num_replicas, **summary}
+    )
+
+
+def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
+    """Merges every replica's shards into manifest.json (written last, atomically) and returns it.
+
+    Raises CacheFormatError when a replica has not finished or a sequence id appears twice.
+    """
+    root = Path(cache_dir)
+    capture_path = root / CAPTURE_NAME
+    if not capture_path.exists():
+        raise CacheFormatError(f"{root} is not a logitcache cache (no {CAPTURE_NAME}): nothing to finalize")
+    header = _read_json(capture_path)
+    n = int(header.get("num_replicas", 1))
+    missing = [i for i in range(n) if not _summary_path(root, i, n).exists()]
+    if missing:
+        raise CacheFormatError(
+            f"{root}: replica(s) {missing} of {n} have not finished; rerun cache-teacher with "
+            f"--replica I --num-replicas {n} for each, then finalize"
+        )
+    summaries = [_read_json(_summary_path(root, i, n)) for i in range(n)]
+    shards = complete_shards(root)
+    ids = done_sequence_ids(root, shards)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1][:5].tolist()
+        raise CacheFormatError(f"{root}: sequence ids stored twice (e.g. {dup}); the cache is inconsistent")
+    skipped: Counter[str] = Counter()
+    for s in summaries:
+        skipped.update(s.get("skipped", {}))
+    manifest = {
+        **header,
+        "logitcache_version": logitcache_version(),
+        "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "totals": {
+            "num_sequences": int(len(ids)),
+            "num_tokens": int(sum(s["num_tokens"] for s in shards)),
+            "num_positions": int(sum(s["num_tokens"] - s["num_sequences"] for s in shards)),
+            "num_bytes": int(sum(s["num_bytes"] for s in shards)),
+            "num_rows": int(sum(s.get("rows", 0) for s in summaries)),
+            "skipped_rows": dict(sorted(skipped.items())),
+        },
+        "replicas": summaries,
+        "shards": shards,
+    }
+    atomic_write_json(root / MANIFEST_NAME, manifest)
+    return manifest

@@ -1,0 +1,168 @@
+"""CacheReader: validates a cache's manifest and decodes its row groups to numpy."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from logitcache.storage.codec import LogprobCodec, parse_codec
+from logitcache.storage.records import CachedSequence, DecodedBatch
+from logitcache.storage.schema import (
+    CAPTURE_NAME,
+    COLUMNS,
+    MANIFEST_NAME,
+    CacheFormatError,
+    arrow_schema,
+    validate_manifest,
+)
+
+__all__ = ["CacheReader", "decode_table"]
+
+
+def _filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the root inside it: local paths and URLs (s3://, gs://, file://) alike."""
+    s = str(path)
+    if "://" in s:
+        fs, root = pafs.FileSystem.from_uri(s)
+        return fs, root.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(s).absolute())
+
+
+def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [B+1] starting at 0, values) of a list column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values
+
+
+def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> DecodedBatch:
+    """A shard table (or row group) -> DecodedBatch; raises CacheFormatError naming `where` on inconsistency."""
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise CacheFormatError(f"{where}: missing column(s) {missing}; not a logitcache v1 shard")
+    seq_ids = table.column("sequence_id").to_numpy().astype(np.int64)
+    tok_off, input_ids = _flat(table.column("input_ids"))
+    mask_off, loss_mask = _flat(table.column("loss_mask"))
+    pos_off = tok_off - np.arange(len(tok_off))
+    ids_off, ids = _flat(table.column("topk_ids"))
+    lp_off, codes = _flat(table.column("topk_logprobs"))
+    tgt_off, target = _flat(table.column("target_logprobs"))
+    tail_off, tail = _flat(table.column("tail_mass"))
+    if not (
+        np.array_equal(mask_off, tok_off)
+        and np.array_equal(ids_off, pos_off * top_k)
+        and np.array_equal(lp_off, pos_off * top_k)
+        and np.array_equal(tgt_off, pos_off)
+        and np.array_equal(tail_off, pos_off)
+    ):
+        raise CacheFormatError(
+            f"{where}: per-position columns do not line up with input_ids (expected L-1 positions of k={top_k} "
+            "entries per sequence); the shard is damaged or was written by another tool"
+        )
+    num_pos = int(pos_off[-1])
+    topk_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
+    topk_lps = codec.decode(codes.reshape(num_pos, top_k))
+    topk_lps[topk_ids < 0] = -np.inf
+    return DecodedBatch(
+        sequence_id=seq_ids,
+        token_offsets=tok_off,
+        position_offsets=pos_off,
+        input_ids=input_ids.astype(np.int32, copy=False),
+        loss_mask=loss_mask.astype(bool, copy=False),
+        topk_ids=topk_ids,
+        topk_logprobs=topk_lps,
+        target_logprobs=target.astype(np.float32, copy=False),
+        tail_mass=tail.astype(np.float32, copy=False),
+    )
+
+
+class CacheReader:
+    """Read access to a finished cache (a local directory or a pyarrow-filesystem URL).
+
+    Opening validates manifest.json (format version, codec, required fields); shards are opened lazily, with
+    Parquet page checksums verified, and any read failure names the shard file and what to do about it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self._fs, self._root = _filesystem(path)
+        manifest_path = f"{self._root}/{MANIFEST_NAME}"
+        info = self._fs.get_file_info(manifest_path)
+        if info.type != pafs.FileType.File:
+            if self._fs.get_file_info(f"{self._root}/{CAPTURE_NAME}").type == pafs.FileType.File:
+                raise CacheFormatError(
+                    f"{self.path}: the capture has not been finalized (no {MANIFEST_NAME}); finish every replica of "
+                    f"cache-teacher, or run `logitcache finalize {self.path}`"
+                )
+            raise CacheFormatError(f"{self.path} is not a logitcache cache: {MANIFEST_NAME} not found")
+        with self._fs.open_input_stream(manifest_path) as f:
+            try:
+                self.manifest: dict[str, Any] = json.loads(f.read())
+            except json.JSONDecodeError as e:
+                raise CacheFormatError(f"{manifest_path}: not valid JSON ({e})") from None
+        validate_manifest(self.manifest, manifest_path)
+        capture = self.manifest["capture"]
+        self.top_k: int = int(capture["top_k"])
+        self.codec: LogprobCodec = parse_codec(capture["codec"])
+        self.schema = arrow_schema(capture["codec"])
+        self.vocab_size: int = int(self.manifest["tokenizer"]["vocab_size"])
+        self.padded_vocab_size: int = int(self.manifest["tokenizer"]["padded_vocab_size"])
+        self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def shard_path(self, shard_index: int) -> str:
+        return f"{self._root}/{self.shards[shard_index]['path']}"
+
+    def _damaged(self, shard_index: int, what: str, err: Exception) -> CacheFormatError:
+        return CacheFormatError(
+            f"{self.shard_path(shard_index)}: {what}: {err}. The shard is damaged or missing: run "
+            f"`logitcache verify {self.path}`, then delete the bad shard (and its .json) and rerun cache-teacher "
+            "with the same arguments to recapture it"
+        )
+
+    def parquet_file(self, shard_index: int) -> pq.ParquetFile:
+        """The shard's ParquetFile (opened once, with page checksum verification)."""
+        if shard_index not in self._files:
+            try:
+                source = self._fs.open_input_file(self.shard_path(shard_index))
+                self._files[shard_index] = pq.ParquetFile(source, page_checksum_verification=True)
+            except (OSError, pa.ArrowException) as e:
+                raise self._damaged(shard_index, "cannot open", e) from None
+        return self._files[shard_index]
+
+    def units(self) -> list[tuple[int, int, int]]:
+        """(shard_index, row_group_index, num_sequences) for every row group: the unit of streaming."""
+        out = []
+        for i in range(len(self.shards)):
+            meta = self.parquet_file(i).metadata
+            out.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        return out
+
+    def read_unit(self, shard_index: int, row_group_index: int) -> DecodedBatch:
+        """One row group decoded to numpy."""
+        try:
+            table = self.parquet_file(shard_index).read_row_group(row_group_index)
+        except (OSError, pa.ArrowException) as e:
+            raise self._damaged(shard_index, f"cannot read row group {row_group_index}", e) from None
+        return decode_table(table, self.codec, self.top_k, f"{self.shard_path(shard_index)} row group {row_group_index}")
+
+    def iter_batches(self, shards: Iterable[int] | None = None) -> Iterator[DecodedBatch]:
+        """Every row group of the given shards (default: all), in order."""
+        for i in range(len(self.shards)) if shards is None else shards:
+            for g in range(self.parquet_file(i).metadata.num_row_groups):
+                yield self.read_unit(i, g)
+
+    def iter_sequences(self, shards: Iterable[int] | None = None) -> Iterator[CachedSequence]:
+        """Every sequence of the given shards (default: all), in storage order."""
+        for batch in self.iter_batches(shards):
+            for j in range(len(batch)):
+                yield batch.sequence(j)

@@ -1,0 +1,85 @@
+"""In-memory forms of cached data: one sequence, and a decoded row group (numpy, no per-token objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CachedSequence", "DecodedBatch"]
+
+
+@dataclass
+class CachedSequence:
+    """One cached sequence. Position t (0..L-2) is the teacher distribution that predicts input_ids[t+1].
+
+    input_ids: int32 [L]; loss_mask: bool [L] (True where the token is a training target);
+    topk_ids: int32 [L-1, k] sorted by teacher log-prob, descending, -1 = padding;
+    topk_logprobs: float32 [L-1, k] log-softmax over the full vocabulary at T=1, -inf where padded;
+    target_logprobs: float32 [L-1] teacher log-prob of input_ids[t+1];
+    tail_mass: float32 [L-1] probability mass outside the top-k, computed before quantization.
+    """
+
+    sequence_id: int
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    target_logprobs: np.ndarray
+    tail_mass: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def validate(self, top_k: int) -> None:
+        """Raises ValueError naming the sequence and the array whose shape or dtype is wrong."""
+        n = self.num_tokens
+        problems = []
+        if n < 2:
+            problems.append(f"needs at least 2 tokens, got {n}")
+        expect = {
+            "loss_mask": (n,),
+            "topk_ids": (n - 1, top_k),
+            "topk_logprobs": (n - 1, top_k),
+            "target_logprobs": (n - 1,),
+            "tail_mass": (n - 1,),
+        }
+        for name, shape in expect.items():
+            got = getattr(self, name).shape
+            if got != shape:
+                problems.append(f"{name} has shape {got}, expected {shape}")
+        if problems:
+            raise ValueError(f"sequence {self.sequence_id}: " + "; ".join(problems))
+
+
+@dataclass
+class DecodedBatch:
+    """A decoded row group: B sequences, T tokens, P = T - B positions, flat arrays with offsets."""
+
+    sequence_id: np.ndarray  # int64 [B]
+    token_offsets: np.ndarray  # int64 [B+1] into input_ids / loss_mask
+    position_offsets: np.ndarray  # int64 [B+1] into the per-position arrays
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T]
+    topk_ids: np.ndarray  # int32 [P, k]
+    topk_logprobs: np.ndarray  # float32 [P, k]
+    target_logprobs: np.ndarray  # float32 [P]
+    tail_mass: np.ndarray  # float32 [P]
+
+    def __len__(self) -> int:
+        return int(self.sequence_id.shape[0])
+
+    def sequence(self, i: int) -> CachedSequence:
+        """Views (no copies) of sequence i."""
+        t0, t1 = self.token_offsets[i], self.token_offsets[i + 1]
+        p0, p1 = self.position_offsets[i], self.position_offsets[i + 1]
+        return CachedSequence(
+            sequence_id=int(self.sequence_id[i]),
+            input_ids=self.input_ids[t0:t1],
+            loss_mask=self.loss_mask[t0:t1],
+            topk_ids=self.topk_ids[p0:p1],
+            topk_logprobs=self.topk_logprobs[p0:p1],
+            target_logprobs=self.target_logprobs[p0:p1],
+            tail_mass=self.tail_mass[p0:p1],
+        )

@@ -1,0 +1,127 @@
+"""verify_cache: every check a cache must pass before a training run trusts it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from logitcache.storage.codec import LogprobCodec
+from logitcache.storage.reader import CacheReader
+from logitcache.storage.records import DecodedBatch
+from logitcache.storage.schema import CacheFormatError
+
+__all__ = ["VerifyReport", "verify_cache", "head_mass_tolerance"]
+
+# Float32 log-softmax and exp() add a little on top of the codec's quantization error.
+_FLOAT_SLACK = 1e-3
+
+
+@dataclass
+class VerifyReport:
+    """Problems found per shard path (empty lists when the shard is good), plus cache-wide ones."""
+
+    shard_problems: dict[str, list[str]] = field(default_factory=dict)
+    cache_problems: list[str] = field(default_factory=list)
+    num_sequences: int = 0
+    num_positions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.cache_problems and not any(self.shard_problems.values())
+
+
+def head_mass_tolerance(codec: LogprobCodec, probs: np.ndarray) -> np.ndarray:
+    """Bound on |sum(head p) + tail - 1| per position from the codec's per-rank log-prob error. probs: [P, k]."""
+    k = probs.shape[1]
+    err = np.array([codec.max_abs_error(r) for r in range(k)], dtype=np.float64)
+    return (probs * np.expm1(err)[None, :]).sum(axis=1) + _FLOAT_SLACK
+
+
+def _check_batch(b: DecodedBatch, reader: CacheReader) -> list[str]:
+    problems = []
+    vocab = reader.padded_vocab_size
+    if b.input_ids.size and (b.input_ids.min() < 0 or b.input_ids.max() >= vocab):
+        problems.append(f"input_ids outside [0, {vocab})")
+    ids = b.topk_ids
+    if ids.size and (ids.min() < -1 or ids.max() >= vocab):
+        problems.append(f"topk_ids outside [-1, {vocab})")
+    valid = ids >= 0
+    lps = b.topk_logprobs
+    if np.any(lps[valid] > 1e-6):
+        problems.append("top-k log-probs > 0")
+    if np.any(np.diff(lps, axis=1) > 1e-6):
+        problems.append("top-k log-probs not sorted in descending order")
+    if np.any(b.target_logprobs > 1e-4) or np.any(np.isnan(b.target_logprobs)):
+        problems.append("target log-probs > 0 or NaN")
+    tail = b.tail_mass
+    if np.any(~np.isfinite(tail)) or np.any(tail < 0) or np.any(tail > 1 + 1e-6):
+        problems.append("tail_mass outside [0, 1]")
+    probs = np.where(valid, np.exp(lps.astype(np.float64)), 0.0)
+    gap = np.abs(probs.sum(axis=1) + tail - 1.0)
+    bad = gap > head_mass_tolerance(reader.codec, probs)
+    if np.any(bad):
+        problems.append(
+            f"head mass + tail mass != 1 at {int(bad.sum())} position(s) (worst off by {gap.max():.3g}, "
+            "beyond the codec's stated error)"
+        )
+    return problems
+
+
+def verify_cache(path: str) -> VerifyReport:
+    """Checks sha256, row/token counts, schema, id ranges, log-prob order and sign, and head + tail = 1."""
+    report = VerifyReport()
+    try:
+        reader = CacheReader(path)
+    except CacheFormatError as e:
+        report.cache_problems.append(str(e))
+        return report
+    seen: list[np.ndarray] = []
+    for i, shard in enumerate(reader.shards):
+        problems: list[str] = []
+        shard_path = reader.shard_path(i)
+        report.shard_problems[shard_path] = problems
+        try:
+            with reader._fs.open_input_stream(shard_path) as f:
+                h = hashlib.sha256()
+                size = 0
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            problems.append(f"cannot read: {e}")
+            continue
+        if size != shard["num_bytes"]:
+            problems.append(f"size {size} bytes, manifest says {shard['num_bytes']} (truncated or replaced?)")
+        if h.hexdigest() != shard["sha256"]:
+            problems.append("sha256 does not match the manifest (the file changed after capture)")
+        counts: dict[str, Any] = {"seq": 0, "tok": 0}
+        ids_here = []
+        try:
+            if reader.parquet_file(i).schema_arrow.remove_metadata() != reader.schema.remove_metadata():
+                problems.append("schema differs from the codec's schema")
+            for b in reader.iter_batches([i]):
+                counts["seq"] += len(b)
+                counts["tok"] += int(b.token_offsets[-1])
+                report.num_positions += int(b.position_offsets[-1])
+                ids_here.append(b.sequence_id)
+                problems.extend(p for p in _check_batch(b, reader) if p not in problems)
+        except CacheFormatError as e:
+            problems.append(str(e).split(": ", 1)[-1])
+            continue
+        if counts["seq"] != shard["num_sequences"] or counts["tok"] != shard["num_tokens"]:
+            problems.append(
+                f"{counts['seq']} sequences / {counts['tok']} tokens, manifest says "
+                f"{shard['num_sequences']} / {shard['num_tokens']}"
+            )
+        ids = np.concatenate(ids_here) if ids_here else np.zeros(0, np.int64)
+        if ids.size and (ids.min() != shard["sequence_id_min"] or ids.max() != shard["sequence_id_max"]):
+            problems.append("sequence_id range differs from the manifest")
+        seen.append(ids)
+        report.num_sequences += int(ids.size)
+    all_ids = np.concatenate(seen) if seen else np.zeros(0, np.int64)
+    if np.unique(all_ids).size != all_ids.size:
+        report.cache_problems.append("some sequence_id appears more than once across shards")
+    return report

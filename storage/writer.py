@@ -1,0 +1,203 @@
+"""ShardWriter: sequences -> Parquet shards (zstd), written atomically with a metadata sidecar each."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.storage.codec import DEFAULT_CODEC, LogprobCodec, parse_codec
+from logitcache.storage.fingerprint import sha256_file
+from logitcache.storage.records import CachedSequence
+from logitcache.storage.schema import SHARDS_DIR, arrow_schema
+
+__all__ = ["ShardWriter", "encode_table", "PARQUET_OPTIONS", "atomic_write_json", "shard_name_re"]
+
+log = logging.getLogger(__name__)
+
+# Physical encoding, chosen by measurement (BENCHMARKS.md "Codec"): zstd, byte-stream split for the float and
+# small-int code columns, no dictionaries (the id streams are too diverse for them), page CRCs so a flipped bit
+# is an error at read time rather than a silently wrong soft label.
+PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": False,
+    "use_byte_stream_split": ["topk_logprobs", "target_logprobs", "tail_mass"],
+    "write_page_checksum": True,
+    "data_page_version": "2.0",
+}
+
+shard_name_re = re.compile(r"^(?P<prefix>[A-Za-z0-9_]+)-(?P<index>\d{6})\.parquet$")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Writes JSON to a temporary file, fsyncs it and renames it over `path`: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def encode_table(seqs: Sequence[CachedSequence], codec: LogprobCodec, top_k: int, schema: pa.Schema) -> pa.Table:
+    """Sequences -> one Arrow table in the shard schema (flat numpy concatenation, no per-token Python)."""
+    lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
+    tok_off = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=tok_off[1:])
+    pos_off = tok_off - np.arange(len(seqs) + 1)
+    ids = np.concatenate([s.topk_ids for s in seqs]).astype(np.int32, copy=False)
+    lps = np.concatenate([s.topk_logprobs for s in seqs]).astype(np.float32, copy=False)
+    codes = codec.encode(lps)
+    cols = [
+        pa.array(np.array([s.sequence_id for s in seqs], dtype=np.int64), pa.int64()),
+        _list_array(tok_off, np.concatenate([s.input_ids for s in seqs]).astype(np.int32, copy=False), pa.int32()),
+        _list_array(tok_off, np.concatenate([s.loss_mask for s in seqs]).astype(bool, copy=False), pa.bool_()),
+        _list_array(pos_off * top_k, ids.reshape(-1), pa.int32()),
+        _list_array(pos_off * top_k, codes.reshape(-1), codec.arrow_type),
+        _list_array(pos_off, np.concatenate([s.target_logprobs for s in seqs]).astype(np.float32), pa.float32()),
+        _list_array(pos_off, np.concatenate([s.tail_mass for s in seqs]).astype(np.float32), pa.float32()),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _check_values(seq: CachedSequence, vocab_size: int | None) -> None:
+    """Rejects values that would make a wrong cache (not just an odd one); the message names the sequence."""
+    problems = []
+    ids = seq.topk_ids
+    if vocab_size is not None and (ids.max(initial=-1) >= vocab_size or seq.input_ids.max(initial=0) >= vocab_size):
+        problems.append(f"token id >= vocab size {vocab_size}")
+    if ids.min(initial=0) < -1 or seq.input_ids.min(initial=0) < 0:
+        problems.append("negative token id (only -1 marks top-k padding)")
+    lps = seq.topk_logprobs
+    valid = ids >= 0
+    if np.any(lps[valid] > 1e-4):
+        problems.append("top-k log-prob > 0")
+    finite = np.where(valid, lps, -np.inf)
+    if np.any(np.diff(finite, axis=1) > 1e-4):
+        problems.append("top-k log-probs are not sorted in descending order")
+    tail = seq.tail_mass
+    if np.any(~np.isfinite(tail)) or np.any(tail < -1e-6) or np.any(tail > 1 + 1e-6):
+        problems.append("tail mass outside [0, 1]")
+    if problems:
+        raise ValueError(f"sequence {seq.sequence_id}: " + "; ".join(problems))
+
+
+class ShardWriter:
+    """Buffers sequences and writes shards `shards/{prefix}-{NNNNNN}.parquet` with bounded memory.
+
+    A shard is written under a temporary name, fsynced, hashed and renamed into place, then described by a sidecar
+    `{shard}.json`; a process killed at any moment leaves either a complete shard or a `.tmp` file that
+    `complete_shards` deletes. Sequences still buffered when a process dies were never promised: the capture
+    recomputes them.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        top_k: int,
+        codec: str = DEFAULT_CODEC,
+        prefix: str = "r000",
+        vocab_size: int | None = None,
+        shard_size_bytes: int = 256 << 20,
+        row_group_bytes: int = 16 << 20,
+        parquet_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
+            raise ValueError(f"shard prefix {prefix!r} must be letters, digits or '_'")
+        self.dir = Path(cache_dir) / SHARDS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.top_k = top_k
+        self.codec = parse_codec(codec)
+        self.schema = arrow_schema(codec)
+        self.prefix = prefix
+        self.vocab_size = vocab_size
+        self.shard_size_bytes = shard_size_bytes
+        self.row_group_bytes = row_group_bytes
+        self.options = dict(PARQUET_OPTIONS if parquet_options is None else parquet_options)
+        existing = [m for p in self.dir.iterdir() if (m := shard_name_re.match(p.name)) and m["prefix"] == prefix]
+        self._next_index = max((int(m["index"]) for m in existing), default=-1) + 1
+        self._buffer: list[CachedSequence] = []
+        self._buffer_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._stats: dict[str, Any] = {}
+
+    def write(self, seq: CachedSequence) -> list[dict[str, Any]]:
+        """Adds one sequence; returns the sidecar dicts of shards this call completed (usually none)."""
+        seq.validate(self.top_k)
+        _check_values(seq, self.vocab_size)
+        self._buffer.append(seq)
+        self._buffer_bytes += sum(
+            a.nbytes for a in (seq.input_ids, seq.topk_ids, seq.topk_logprobs, seq.target_logprobs, seq.tail_mass)
+        )
+        if self._buffer_bytes < self.row_group_bytes:
+            return []
+        self._flush_row_group()
+        assert self._tmp is not None
+        if self._tmp.stat().st_size >= self.shard_size_bytes:
+            return [self._finish_shard()]
+        return []
+
+    def close(self) -> list[dict[str, Any]]:
+        """Writes what is buffered and completes the open shard."""
+        if self._buffer:
+            self._flush_row_group()
+        return [self._finish_shard()] if self._writer is not None else []
+
+    def _flush_row_group(self) -> None:
+        if self._writer is None:
+            name = f"{self.prefix}-{self._next_index:06d}.parquet"
+            self._tmp = self.dir / f"{name}.tmp"
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, **self.options)
+            self._stats = {"path": f"{SHARDS_DIR}/{name}", "num_sequences": 0, "num_tokens": 0, "num_row_groups": 0}
+            self._ids: list[int] = []
+        table = encode_table(self._buffer, self.codec, self.top_k, self.schema)
+        self._writer.write_table(table, row_group_size=len(self._buffer))
+        self._stats["num_sequences"] += len(self._buffer)
+        self._stats["num_tokens"] += sum(s.num_tokens for s in self._buffer)
+        self._stats["num_row_groups"] += 1
+        self._ids.extend(s.sequence_id for s in self._buffer)
+        self._buffer, self._buffer_bytes = [], 0
+
+    def _finish_shard(self) -> dict[str, Any]:
+        assert self._writer is not None and self._tmp is not None
+        self._writer.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
+        info = dict(self._stats)
+        info["num_bytes"] = self._tmp.stat().st_size
+        info["sha256"] = sha256_file(self._tmp)
+        info["sequence_id_min"] = int(min(self._ids))
+        info["sequence_id_max"] = int(max(self._ids))
+        os.replace(self._tmp, final)
+        _fsync_dir(self.dir)
+        atomic_write_json(final.with_name(final.name + ".json"), info)
+        log.debug("wrote %s: %d sequences, %d bytes", final, info["num_sequences"], info["num_bytes"])
+        self._writer, self._tmp, self._next_index = None, None, self._next_index + 1
+        return info
