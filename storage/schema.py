@@ -110,7 +110,15 @@ def validate_manifest(doc: Mapping[str, Any], where: str) -> None:
     for i, shard in enumerate(doc["shards"]):
         lack = [
             f
-            for f in ("path", "num_sequences", "num_tokens", "num_bytes", "sha256", "sequence_id_min", "sequence_id_max")
+            for f in (
+                "path",
+                "num_sequences",
+                "num_tokens",
+                "num_bytes",
+                "sha256",
+                "sequence_id_min",
+                "sequence_id_max",
+            )
             if f not in shard
         ]
         if lack:

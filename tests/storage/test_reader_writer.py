@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from logitcache.storage import (
+    CachedSequence,
     CacheFormatError,
     CacheReader,
-    CachedSequence,
     ShardWriter,
     complete_shards,
     done_sequence_ids,
