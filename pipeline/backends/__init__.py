@@ -13,8 +13,9 @@ __all__ = ["TeacherBackend"]
 class TeacherBackend(Protocol):
     """What capture.py needs from an engine; `hf.HFBackend` and `vllm_backend.VLLMBackend` implement it."""
 
-    name: str
+    name: str  # the --backend value
     engine_version: str
+    top_k: int
 
     def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
         """Teacher distributions for each window, in the same order (T=1, full-vocabulary normalisation)."""

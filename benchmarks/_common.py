@@ -1,0 +1,42 @@
+"""Shared helpers of the benchmark scripts: the benchmark teacher, output folders, markdown tables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_OUT = Path(os.environ.get("LOGITCACHE_BENCH_OUT", ROOT / "bench_out"))
+
+
+def out_dir(name: str) -> Path:
+    path = BENCH_OUT / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def bench_spec(quick: bool) -> Any:
+    """The benchmark teacher: the demo recipe with a longer training budget (quick: the test-sized one)."""
+    from dataclasses import replace
+
+    from logitcache.pipeline.demo_teacher import DemoSpec
+
+    if quick:
+        return DemoSpec.quick()
+    # The strongest teacher this recipe gets in ~10 minutes on 2 cores; built once and reused (demo.json marker).
+    return replace(DemoSpec(), steps=3000, max_train_seconds=600.0, train_rows=600, heldout_rows=120)
+
+
+def ensure_teacher(quick: bool) -> Path:
+    """Builds (or reuses) the benchmark teacher and its datasets; returns the build dir."""
+    from logitcache.pipeline.demo_teacher import build_demo
+
+    return build_demo(BENCH_OUT / ("teacher-quick" if quick else "teacher"), bench_spec(quick))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Stage 2 costs, side by side in one script: a KD-from-cache step vs a CE-only step of the same student, and the
+cache loader's throughput.
+
+What is measured (CPU unless a GPU is present):
+- step time: median wall time of an optimizer step (forward, backward, AdamW) after warm-up steps, same batches.
+- peak memory: each variant runs in a fresh subprocess; on CPU the figure is the growth of the process's peak RSS
+  (ru_maxrss) over its RSS just before the first step, i.e. what the step adds on top of the model and optimizer
+  being resident (activations, logits, gradients, optimizer state once allocated). On CUDA it is
+  torch.cuda.max_memory_allocated() minus the allocation before the first step.
+- variants: "ce_hf" = the usual HF step, model(input_ids, labels=...) (full [B, L, V] logits, CE in float32);
+  "kd_cache" = this package's step (alpha=0.5 forward KL on the bucketed support + CE, logits chunked by
+  --kd-chunk-size positions, recomputed in backward).
+- loader: CacheStream over a synthetic k=64 cache (ShardWriter, default codec), one process, no workers, batches
+  collated to tensors; tokens per second of wall time and per CPU-second (process time, i.e. per core).
+
+Usage: python benchmarks/bench_train.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, out_dir  # noqa: E402
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: int, seed: int = 0) -> Path:
+    """A synthetic finished cache: random sorted top-k log-probs over distinct ids, exact tail mass."""
+    import numpy as np
+
+    from logitcache.storage import (
+        CachedSequence,
+        ShardWriter,
+        finalize_cache,
+        open_capture,
+        write_replica_summary,
+    )
+
+    if (path / "manifest.json").exists():
+        return path
+    rng = np.random.default_rng(seed)
+    header = {
+        "teacher": {"name": "synthetic", "dtype": "float32", "backend": "numpy"},
+        "tokenizer": {"name": None, "fingerprint": "sha256:synthetic", "vocab_size": vocab, "padded_vocab_size": vocab},
+        "capture": {"top_k": k, "codec": "lpq16:fine=1/512x4,coarse=1/32", "max_seq_len": seq_len},
+        "dataset": {"source": "synthetic"},
+        "num_replicas": 1,
+    }
+    open_capture(path, header)
+    w = ShardWriter(path, top_k=k)
+    for i in range(num_sequences):
+        n = seq_len
+        p = n - 1
+        raw = np.sort(rng.exponential(1.0, (p, k + 1)) * np.linspace(0.5, 6, k + 1), axis=1)
+        lp = -np.cumsum(raw, axis=1)
+        probs = np.exp(lp)
+        probs /= probs.sum(axis=1, keepdims=True) * 1.05  # 1/1.05 of the mass lives outside the head
+        lp = np.log(probs[:, :k])
+        ids = (rng.integers(0, vocab, (p, 1)) + np.arange(k) * 7919) % vocab
+        tokens = rng.integers(0, vocab, n)
+        w.write(
+            CachedSequence(
+                sequence_id=i,
+                input_ids=tokens.astype(np.int32),
+                loss_mask=np.ones(n, dtype=bool),
+                topk_ids=ids.astype(np.int32),
+                topk_logprobs=lp.astype(np.float32),
+                target_logprobs=np.full(p, -5.0, dtype=np.float32),
+                tail_mass=(1 - np.exp(lp).sum(axis=1)).astype(np.float32),
+            )
+        )
+    w.close()
+    write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": num_sequences, "skipped": {}})
+    finalize_cache(path)
+    return path
+
+
+def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, chunk: int) -> dict[str, Any]:
+    """One variant in this (fresh) process: median step seconds and peak memory growth."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from logitcache.storage import CacheReader
+    from logitcache.train.data import CacheStream
+    from logitcache.train.student import PRESETS, DistillModel
+
+    reader = CacheReader(cache)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=reader.vocab_size, **PRESETS[preset])
+    model = AutoModelForCausalLM.from_config(cfg).to(device)
+    dm = DistillModel(model, reader.vocab_size, {"loss": "forward_kl", "alpha": 0.5, "chunk_size": chunk})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    stream = iter(CacheStream(cache, seed=0, batch_count=batch))
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(steps)]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step(b: dict[str, torch.Tensor]) -> None:
+        with amp:
+            if variant == "ce_hf":
+                labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+                loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
+            else:
+                loss = dm(b, float(b["num_positions"]))[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        step(b)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    warm = times[2:] if len(times) > 3 else times
+    return {
+        "variant": variant,
+        "median_step_s": statistics.median(warm),
+        "peak_mem_bytes": int(peak),
+        "tokens_per_step": int(batches[0]["num_tokens"]),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
+    from logitcache.train.data import CacheStream
+
+    it = iter(CacheStream(cache, seed=0, batch_count=batch))
+    next(it)  # open the reader and the first unit outside the timing
+    tokens = 0
+    w0, c0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - w0 < seconds:
+        tokens += int(next(it)["num_tokens"])
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"tokens": tokens, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "cpu_util": cpu / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="Tiny sizes: only checks that the script runs.")
+    ap.add_argument("--json", default=None, help="Also write the results to this file.")
+    ap.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_args", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._variant:  # child process: one variant
+        print(json.dumps(run_variant(args._variant, **json.loads(args._args))))
+        return
+
+    quick = args.quick
+    work = out_dir("train-quick" if quick else "train")
+    vocab, seq_len = (512, 32) if quick else (32768, 256)
+    step_cache = write_cache(work / f"step-v{vocab}", vocab=vocab, k=64, num_sequences=16 if quick else 64, seq_len=seq_len)
+    load_cache = write_cache(
+        work / "loader-k64", vocab=32768 if not quick else 512, k=64, num_sequences=64 if quick else 2000, seq_len=256
+    )
+    spec = {"cache": str(step_cache), "preset": "tiny-llama" if quick else "small-llama", "batch": 2 if quick else 8,
+            "steps": 3 if quick else 8, "chunk": 512}
+    results = {}
+    for variant in ("ce_hf", "kd_cache"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--_variant", variant, "--_args", json.dumps(spec)],
+            check=True, capture_output=True, text=True,
+        )
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    loader = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
+    ce, kd = results["ce_hf"], results["kd_cache"]
+    report = {
+        "student": spec["preset"], "vocab": vocab, "seq_len": seq_len, "batch_sequences": spec["batch"],
+        "kd_chunk_positions": spec["chunk"], "ce_hf": ce, "kd_cache": kd,
+        "step_time_ratio": kd["median_step_s"] / ce["median_step_s"],
+        "peak_mem_ratio": kd["peak_mem_bytes"] / max(ce["peak_mem_bytes"], 1),
+        "loader_k64": loader,
+    }
+    rows = [
+        ["CE-only (HF labels)", f"{ce['median_step_s'] * 1000:.1f}", f"{ce['peak_mem_bytes'] / 2**20:.1f}", "1.00", "1.00"],
+        ["KD from cache (k=64)", f"{kd['median_step_s'] * 1000:.1f}", f"{kd['peak_mem_bytes'] / 2**20:.1f}",
+         f"{report['step_time_ratio']:.2f}", f"{report['peak_mem_ratio']:.2f}"],
+    ]
+    print(markdown_table(["step", "median ms", "peak MiB (growth)", "time ratio", "memory ratio"], rows))
+    print(
+        f"loader k=64: {loader['tokens_per_s']:.0f} tokens/s wall, {loader['tokens_per_cpu_s']:.0f} tokens per "
+        f"CPU-second (one process, {loader['cpu_util']:.2f} cores busy)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

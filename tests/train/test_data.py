@@ -1,0 +1,114 @@
+"""The training stream: split, disjoint rank/worker shares, determinism, exact resume, batch alignment."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from logitcache.storage import CacheReader
+from logitcache.train.data import CacheStream, assigned_parts, collate, held_out_mask, plan_parts, splitmix64
+
+
+def test_splitmix64_known_value_and_split_fraction() -> None:
+    assert int(splitmix64(np.array([0]))[0]) == 0xE220A8397B1DCDAF  # first output of splitmix64 seeded with 0
+    ids = np.arange(100_000, dtype=np.int64) << 16
+    held = held_out_mask(ids, 0.1)
+    assert 0.09 < held.mean() < 0.11
+    assert np.array_equal(held, held_out_mask(ids, 0.1))
+    assert not held_out_mask(ids, 0.0).any()
+
+
+def test_assigned_parts_are_disjoint_cover_and_seeded() -> None:
+    for world, workers in ((1, 1), (2, 1), (2, 3), (3, 2)):
+        shares = [assigned_parts(17, 5, 0, r, world, w, workers) for r in range(world) for w in range(workers)]
+        flat = np.concatenate(shares)
+        assert sorted(flat.tolist()) == list(range(17))
+    a = assigned_parts(17, 5, 0, 0, 1, 0, 1)
+    assert np.array_equal(a, assigned_parts(17, 5, 0, 0, 1, 0, 1))
+    assert not np.array_equal(a, assigned_parts(17, 5, 1, 0, 1, 0, 1))
+    assert not np.array_equal(a, assigned_parts(17, 6, 0, 0, 1, 0, 1))
+
+
+def test_plan_parts_splits_small_caches_for_every_reader() -> None:
+    parts = plan_parts([(0, 0, 10), (0, 1, 0)], 4)
+    assert parts == [(0, 0, p, 4) for p in range(4)]
+    assert plan_parts([(0, 0, 10), (1, 0, 10)], 2) == [(0, 0, 0, 1), (1, 0, 0, 1)]
+
+
+def _epoch0_ids(cache: Path, rank: int, world: int, workers: int, seed: int = 0) -> list[int]:
+    stream = CacheStream(str(cache), seed=seed, batch_count=1, eval_fraction=0.2, rank=rank, world_size=world)
+    out = []
+    for batch in itertools.islice(StatefulDataLoader(stream, batch_size=None, num_workers=workers), 200):
+        if int(batch["epoch"]) == 0:
+            out.extend(batch["sequence_id"].tolist())
+    return out
+
+
+def test_ranks_and_workers_read_disjoint_shares_of_the_training_split(synth_cache: Path) -> None:
+    reader = CacheReader(synth_cache)
+    all_ids = np.concatenate([b.sequence_id for b in reader.iter_batches()])
+    train_ids = set(all_ids[~held_out_mask(all_ids, 0.2)].tolist())
+    shares = [_epoch0_ids(synth_cache, r, 2, 2) for r in range(2)]
+    assert set(shares[0]).isdisjoint(shares[1])
+    assert len(shares[0]) == len(set(shares[0]))
+    assert set(shares[0]) | set(shares[1]) == train_ids  # every training sequence once per epoch, no held-out one
+    assert shares[0] == _epoch0_ids(synth_cache, 0, 2, 2)  # deterministic
+    assert shares[0] != _epoch0_ids(synth_cache, 0, 2, 2, seed=1)
+
+
+def test_resume_from_state_dict_continues_with_the_same_batches(synth_cache: Path) -> None:
+    def loader() -> StatefulDataLoader:
+        stream = CacheStream(str(synth_cache), seed=3, batch_count=40, batch_unit="tokens", eval_fraction=0.1)
+        return StatefulDataLoader(stream, batch_size=None, num_workers=2)
+
+    full = [b["sequence_id"].tolist() for b in itertools.islice(loader(), 30)]
+    first = loader()
+    it = iter(first)
+    for _ in range(11):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b["sequence_id"].tolist() for b in itertools.islice(resumed, 19)]
+    assert rest == full[11:]
+    assert max(len(b) for b in full) > 1  # token-budget batching really grouped sequences
+
+
+def test_collate_aligns_teacher_arrays_with_student_positions(synth_cache: Path) -> None:
+    reader = CacheReader(synth_cache)
+    unit = reader.read_unit(0, 0)
+    seqs = [unit.sequence(i) for i in range(3)]
+    b = collate(seqs, reader.vocab_size)
+    width = b["input_ids"].shape[1]
+    expected_pos = []
+    for i, s in enumerate(seqs):
+        t = np.flatnonzero(s.loss_mask[1:])
+        expected_pos.extend((i * width + t).tolist())
+        assert b["input_ids"][i, : s.num_tokens].tolist() == s.input_ids.tolist()
+        assert int(b["attention_mask"][i].sum()) == s.num_tokens
+    assert b["positions"].tolist() == expected_pos
+    # the target at a position is the next token, and the teacher's log-prob of it is the cached one
+    assert torch.equal(b["targets"], b["input_ids"].reshape(-1)[b["positions"] + 1])
+    first = seqs[0]
+    t0 = int(np.flatnonzero(first.loss_mask[1:])[0])
+    assert b["topk_ids"][0].tolist() == first.topk_ids[t0].tolist()
+    assert float(b["tail_mass"][0]) == float(first.tail_mass[t0])
+
+
+def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -> None:
+    reader = CacheReader(synth_cache)
+    seq = reader.read_unit(0, 0).sequence(0)
+    full = collate([seq], reader.vocab_size)
+    cut = collate([seq], reader.vocab_size, top_k_used=3)
+    assert cut["topk_ids"].shape[1] == 3
+    dropped = full["topk_logprobs"][:, 3:].exp().sum(-1)
+    torch.testing.assert_close(cut["tail_mass"], (full["tail_mass"] + dropped).clamp(max=1.0))
+    # ids at or above the tokenizer's vocabulary (padded logit rows) are not tokens: folded into the tail
+    small_vocab = int(full["topk_ids"][0, 1]) if int(full["topk_ids"][0, 1]) > 0 else 1
+    folded = collate([seq], small_vocab)
+    assert int(folded["topk_ids"].max()) < small_vocab
+    assert float(folded["tail_mass"][0]) > float(full["tail_mass"][0])

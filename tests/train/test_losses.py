@@ -1,0 +1,186 @@
+"""Losses on the bucketed support against hand-computed values, temperature, chunking and the k = V limit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from logitcache.train.losses import (
+    LOSSES,
+    chunked_distillation_loss,
+    distillation_loss,
+    kd_loss_per_position,
+)
+
+# One position, V = 5. Teacher head = tokens [2, 0] with p = [0.5, 0.3], tail (tokens 1, 3, 4) = 0.2.
+LOGITS = [0.3, -1.0, 1.2, 0.1, -0.4]
+IDS = [2, 0]
+P_HEAD = [0.5, 0.3]
+P_TAIL = 0.2
+
+
+def _buckets(temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher and student bucket probabilities (head..., tail) computed by hand in float64."""
+    z = np.array(LOGITS, dtype=np.float64)
+    q = np.exp(z) / np.exp(z).sum()
+    q_head = q[IDS]
+    p = np.array([*P_HEAD, P_TAIL])
+    qb = np.array([*q_head, 1.0 - q_head.sum()])
+    p_t, q_t = p ** (1 / temperature), qb ** (1 / temperature)
+    return p_t / p_t.sum(), q_t / q_t.sum()
+
+
+def _hand(loss: str, p: np.ndarray, q: np.ndarray, beta: float = 0.3) -> float:
+    kl = lambda a, b: float(np.sum(a * np.log(a / b)))  # noqa: E731
+    m = beta * p + (1 - beta) * q
+    return {
+        "forward_kl": kl(p, q),
+        "reverse_kl": kl(q, p),
+        "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m),
+        "tvd": 0.5 * float(np.abs(p - q).sum()),
+        "skew_kl": kl(p, m),
+    }[loss]
+
+
+def _inputs():
+    return (
+        torch.tensor([LOGITS]),
+        torch.tensor([IDS]),
+        torch.tensor([[math.log(x) for x in P_HEAD]]),
+        torch.tensor([P_TAIL]),
+    )
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_every_loss_matches_hand_computed_buckets(loss: str, temperature: float) -> None:
+    beta = 0.3 if loss in ("jsd", "skew_kl") else None
+    got = kd_loss_per_position(*_inputs(), loss=loss, beta=beta, temperature=temperature)
+    p, q = _buckets(temperature)
+    assert got.item() == pytest.approx(_hand(loss, p, q), rel=1e-5, abs=1e-7)
+
+
+def test_jsd_half_is_symmetric_and_bounded() -> None:
+    logits, ids, lps, tail = _inputs()
+    fwd = kd_loss_per_position(logits, ids, lps, tail, loss="jsd", beta=0.5).item()
+    p, q = _buckets()
+    assert fwd == pytest.approx(_hand("jsd", q, p, beta=0.5), rel=1e-5)  # swapping P and Q changes nothing
+    assert 0 < fwd < math.log(2)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_student_with_teachers_buckets_has_zero_loss_at_any_temperature(loss: str, temperature: float) -> None:
+    # The student spreads its tail unevenly (0.1, 0.06, 0.04), so only its *bucket* distribution matches the
+    # teacher's; tempering both sides with the same bucket map keeps the minimum there.
+    q = np.array([0.3, 0.1, 0.5, 0.06, 0.04])
+    logits = torch.from_numpy(np.log(q)).float()[None]
+    _, ids, lps, tail = _inputs()
+    beta = 0.4 if loss in ("jsd", "skew_kl") else None
+    got = kd_loss_per_position(logits, ids, lps, tail, loss=loss, beta=beta, temperature=temperature)
+    assert got.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_naive_full_vocab_tempering_would_not_be_minimal_there() -> None:
+    # Documents why the tail is tempered as a bucket on both sides: tempering the student over its full vocabulary
+    # (softmax(z / T)) against a bucket-tempered teacher gives a positive loss at the student that matches the teacher.
+    q = np.array([0.3, 0.1, 0.5, 0.06, 0.04])
+    T = 2.0
+    qt = q ** (1 / T) / (q ** (1 / T)).sum()
+    q_naive = np.array([qt[2], qt[0], 1 - qt[2] - qt[0]])
+    p, _ = _buckets(T)
+    assert _hand("forward_kl", p, q_naive) > 1e-3
+
+
+def test_forward_kl_with_k_equal_vocab_is_the_full_kl() -> None:
+    torch.manual_seed(0)
+    n, v = 7, 11
+    student = torch.randn(n, v) * 2
+    teacher_lp = torch.log_softmax(torch.randn(n, v) * 2, dim=-1)
+    lps, ids = teacher_lp.sort(dim=-1, descending=True)
+    tail = torch.zeros(n)  # nothing outside the head
+    got = kd_loss_per_position(student, ids, lps, tail, loss="forward_kl")
+    want = F.kl_div(torch.log_softmax(student, -1), teacher_lp, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    student.requires_grad_(True)
+    kd_loss_per_position(student, ids, lps, tail).sum().backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_padding_ids_are_ignored() -> None:
+    logits, ids, lps, tail = _inputs()
+    padded_ids = torch.tensor([[2, 0, -1, -1]])
+    padded_lps = torch.tensor([[lps[0, 0].item(), lps[0, 1].item(), -math.inf, -math.inf]])
+    for loss in ("forward_kl", "reverse_kl", "tvd"):
+        a = kd_loss_per_position(logits, ids, lps, tail, loss=loss)
+        b = kd_loss_per_position(logits, padded_ids, padded_lps, tail, loss=loss)
+        torch.testing.assert_close(a, b)
+
+
+def test_no_tail_is_the_renormalised_head_baseline() -> None:
+    logits, ids, lps, tail = _inputs()
+    got = kd_loss_per_position(logits, ids, lps, tail, loss="forward_kl", no_tail=True).item()
+    p = np.array(P_HEAD) / sum(P_HEAD)
+    s = torch.log_softmax(logits, -1)[0, IDS].numpy()
+    assert got == pytest.approx(float(np.sum(p * (np.log(p) - s))), rel=1e-5)
+
+
+def test_alpha_mix_temperature_scaling_and_masked_mean() -> None:
+    torch.manual_seed(1)
+    n, v, k = 6, 13, 4
+    logits = torch.randn(n, v)
+    lp, ids = torch.log_softmax(torch.randn(n, v), -1).topk(k)
+    tail = 1 - lp.exp().sum(-1)
+    targets = torch.randint(0, v, (n,))
+    ce = F.cross_entropy(logits, targets)
+    kd = kd_loss_per_position(logits, ids, lp, tail, temperature=2.0).mean()
+    parts = distillation_loss(logits, ids, lp, tail, targets, temperature=2.0, alpha=0.25)
+    torch.testing.assert_close(parts.total, 0.25 * 4.0 * kd + 0.75 * ce)
+    torch.testing.assert_close(parts.ce_sum / n, ce)
+    only_ce = distillation_loss(logits, ids, lp, tail, targets, alpha=0.0)
+    torch.testing.assert_close(only_ce.total, ce)
+    # normalizer: the sum over the positions divided by a count given by the caller (grad accumulation, DDP)
+    half = distillation_loss(logits, ids, lp, tail, targets, temperature=2.0, alpha=0.25, normalizer=2 * n)
+    torch.testing.assert_close(half.total, parts.total / 2)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_chunked_equals_unchunked_values_and_gradients(loss: str) -> None:
+    torch.manual_seed(2)
+    n, d, v, k = 37, 16, 50, 6
+    hidden0 = torch.randn(n, d, dtype=torch.float64)
+    weight0 = torch.randn(v, d, dtype=torch.float64) * 0.5
+    lp, ids = torch.log_softmax(torch.randn(n, v) * 2, -1).topk(k)
+    ids[3, -2:] = -1  # some padding
+    lp[3, -2:] = -math.inf
+    tail = (1 - lp.exp().sum(-1)).clamp(min=0)
+    targets = torch.randint(0, v, (n,))
+    kwargs = {"loss": loss, "beta": 0.3 if loss in ("jsd", "skew_kl") else None, "temperature": 1.5, "alpha": 0.7}
+
+    h1, w1 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+    full = distillation_loss(h1 @ w1.T, ids, lp, tail, targets, **kwargs)
+    full.total.backward()
+    for chunk in (1, 8, 64):
+        h2, w2 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        part = chunked_distillation_loss(h2, lambda h, w=w2: h @ w.T, ids, lp, tail, targets, chunk_size=chunk, **kwargs)
+        part.total.backward()
+        torch.testing.assert_close(part.total, full.total.float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(part.kd_sum, full.kd_sum.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_stable_tail_when_head_holds_almost_everything() -> None:
+    # q_tail ~ 1e-12: 1 - sum(q_head) would cancel to 0 (or below) in float32; the complement log-sum-exp does not.
+    logits = torch.tensor([[30.0, 0.0, 0.0, 2.0]])
+    ids, lps, tail = torch.tensor([[0]]), torch.tensor([[math.log(0.9)]]), torch.tensor([0.1])
+    got = kd_loss_per_position(logits, ids, lps, tail).item()
+    z = np.array([30.0, 0.0, 0.0, 2.0])
+    log_q = z - np.log(np.exp(z).sum())
+    log_q_tail = np.log(np.exp(z[1:]).sum()) - np.log(np.exp(z).sum())
+    want = 0.9 * (math.log(0.9) - log_q[0]) + 0.1 * (math.log(0.1) - log_q_tail)
+    assert got == pytest.approx(want, rel=1e-5)

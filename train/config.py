@@ -1,0 +1,276 @@
+"""TrainConfig: every option of `logitcache train-student`, validated at once (stdlib only: the CLI imports it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOSSES",
+    "SCHEDULES",
+    "DTYPES",
+    "TrainConfig",
+    "ConfigError",
+    "load_config_file",
+    "parse_batch_size",
+]
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+_BATCH_RE = re.compile(r"^\s*(\d+)\s*(seq|seqs|sequences|tok|tokens|t)?\s*$")
+
+
+class ConfigError(ValueError):
+    """Invalid training options; the message lists every problem with the flag that caused it."""
+
+
+def parse_batch_size(value: str | int) -> tuple[int, str]:
+    """ "8" / "8seq" -> (8, "sequences"); "4096tok" / "4096t" -> (4096, "tokens"). Raises ConfigError otherwise."""
+    m = _BATCH_RE.match(str(value))
+    if not m:
+        raise ConfigError(
+            f"`--batch-size {value}`: expected a number of sequences (e.g. 8) or of tokens (e.g. 4096tok)"
+        )
+    unit = "tokens" if (m.group(2) or "").startswith("t") else "sequences"
+    return int(m.group(1)), unit
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one student run; each field is the CLI flag of the same name (underscores -> dashes)."""
+
+    cache: str = field(metadata={"help": "Cache directory (or URL) written by `logitcache cache-teacher`."})
+    student: str = field(
+        metadata={
+            "help": "HF causal LM to train: a directory/hub id with weights, a config JSON/YAML to initialise from scratch, or a preset (`tiny-llama`, `small-llama`) initialised from scratch with the cache's padded vocabulary."
+        }
+    )
+    output: str = field(
+        metadata={"help": "Run directory: config.json, metrics.jsonl, curves.png, checkpoints/step-N/, final/."}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer directory or id; default: the manifest's `tokenizer.name`. Must match the cache's fingerprint."
+        },
+    )
+    loss: str = field(
+        default="forward_kl",
+        metadata={"help": "KD divergence on the bucketed support: forward_kl, reverse_kl, jsd, tvd or skew_kl."},
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixing weight in (0, 1) for `jsd` (M = beta P + (1-beta) Q) and `skew_kl`; unused by the other losses."
+        },
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Distillation temperature T > 0; the KD term is scaled by T^2."}
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the KD term: 1 = pure distillation, 0 = plain cross-entropy on the real next tokens."
+        },
+    )
+    top_k_used: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only the first K cached entries per position (the rest joins the tail bucket); default: all."
+        },
+    )
+    no_tail: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the tail bucket and renormalise the teacher's head (the biased baseline, for comparisons)."
+        },
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps to train; exclusive with `epochs`. Default: one epoch."}
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Passes over the training split (converted to steps from the cache's counts); exclusive with `steps`."
+        },
+    )
+    batch_size: str = field(
+        default="8", metadata={"help": 'Micro-batch per rank: sequences ("8") or a padded-token budget ("4096tok").'}
+    )
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate; default 1e-3 for a student initialised from scratch, 5e-5 for pretrained weights."
+        },
+    )
+    warmup: float = field(
+        default=0.05, metadata={"help": "Warmup: a number of steps (>= 1) or a fraction of the steps (< 1)."}
+    )
+    schedule: str = field(
+        default="cosine", metadata={"help": "Learning-rate decay after warmup: cosine, linear or constant."}
+    )
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping threshold (L2 norm); 0 disables it."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seeds the data order (with the epoch) and the student's initialisation."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Weights stay float32."
+        },
+    )
+    grad_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute the student's layer activations in backward (less memory, ~30% more compute)."},
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the student."})
+    fsdp: bool = field(
+        default=False, metadata={"help": "Shard the student with FSDP2 (`fully_shard`) instead of DDP; CUDA only."}
+    )
+    kd_chunk_size: int = field(
+        default=512, metadata={"help": "Positions whose full-vocabulary logits are materialised at once in the loss."}
+    )
+    eval_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Share of sequence ids held out (by a hash of the id) for evaluation; never trained on."},
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "Evaluate on the held-out split every N steps (0: only at the end)."}
+    )
+    eval_max_sequences: int = field(
+        default=256, metadata={"help": "At most this many held-out sequences per evaluation (0: all)."}
+    )
+    save_every: int = field(
+        default=200, metadata={"help": "Write a resumable checkpoint every N steps (0: only at the end)."}
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "How many step-N checkpoints to keep (the oldest are deleted)."}
+    )
+    num_workers: int = field(
+        default=1, metadata={"help": "DataLoader worker processes per rank (0: load in the training process)."}
+    )
+    log_every: int = field(
+        default=1, metadata={"help": "Write a metrics.jsonl line (and refresh the progress bar) every N steps."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the run in `output` from its latest checkpoint, with exactly the batches it would have seen."
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar (rank 0 only)."})
+    batch_unit: str = field(default="sequences", init=False)
+    """Derived from `batch_size`: "sequences" or "tokens"."""
+    batch_count: int = field(default=8, init=False)
+    """Derived from `batch_size`: the number of sequences or tokens."""
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        if not self.cache:
+            errors.append("`--cache` is required: the cache directory written by `logitcache cache-teacher`")
+        if not self.student:
+            errors.append("`--student` is required: a model directory, a config JSON/YAML, or a preset (tiny-llama)")
+        if not self.output:
+            errors.append("`--output` is required: the run directory to write")
+        if self.loss not in LOSSES:
+            errors.append(f"`--loss {self.loss}` is unknown; choose one of {', '.join(LOSSES)}")
+        if self.loss in ("jsd", "skew_kl"):
+            if self.beta is None or not 0.0 < self.beta < 1.0:
+                errors.append(f"Can't use `--loss {self.loss}` without `--beta` in (0, 1), got {self.beta}")
+        elif self.beta is not None:
+            errors.append(f"`--beta` only applies to `--loss jsd` or `--loss skew_kl`, not `--loss {self.loss}`")
+        if not self.temperature > 0:
+            errors.append(f"`--temperature` must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            errors.append(f"`--alpha` must be in [0, 1] (1 = pure KD, 0 = plain CE), got {self.alpha}")
+        if self.top_k_used is not None and self.top_k_used < 1:
+            errors.append(f"`--top-k-used` must be >= 1, got {self.top_k_used}")
+        if self.steps is not None and self.epochs is not None:
+            errors.append("Can't provide both `--steps` and `--epochs`. Choose one.")
+        if self.steps is not None and self.steps < 1:
+            errors.append(f"`--steps` must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            errors.append(f"`--epochs` must be > 0, got {self.epochs}")
+        try:
+            count, unit = parse_batch_size(self.batch_size)
+            if count < 1:
+                errors.append(f"`--batch-size` must be >= 1, got {self.batch_size}")
+            object.__setattr__(self, "batch_count", count)
+            object.__setattr__(self, "batch_unit", unit)
+        except ConfigError as e:
+            errors.append(str(e))
+        for name in ("grad_accum", "kd_chunk_size", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "num_workers", "eval_max_sequences", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                errors.append(f"`--{name.replace('_', '-')}` must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            errors.append(f"`--seed` must be >= 0, got {self.seed}")
+        if self.lr is not None and not self.lr > 0:
+            errors.append(f"`--lr` must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            errors.append(f"`--warmup` must be >= 0 (steps, or a fraction < 1 of the steps), got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            errors.append(f"`--schedule {self.schedule}` is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            errors.append(f"`--dtype {self.dtype}` is unknown; choose one of {', '.join(DTYPES)}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            errors.append(f"`--eval-fraction` must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_every and self.eval_fraction == 0:
+            errors.append("Can't use `--eval-every` with `--eval-fraction 0`: there is no held-out split")
+        if errors:
+            raise ConfigError("invalid training options:\n  - " + "\n  - ".join(errors))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> TrainConfig:
+        """A config from a mapping of field names (dashes or underscores); unknown keys are an error."""
+        known = set(cls.field_names())
+        clean = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(clean) - known - {"batch_unit", "batch_count"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in clean.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML or JSON file (a mapping of flag names to values)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"`--config {path}`: no such file")
+    text = p.read_text()
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        doc = yaml.safe_load(text)
+    else:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"`--config {path}`: not valid JSON ({e}); use .yaml/.yml for YAML") from None
+    if isinstance(doc, dict) and isinstance(doc.get("train"), dict):
+        doc = doc["train"]  # a run's own config.json: {"train": {...}, "resolved": {...}}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"`--config {path}`: expected a mapping of options, got {type(doc).__name__}")
+    return {k: v for k, v in doc.items() if k not in ("batch_unit", "batch_count")}

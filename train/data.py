@@ -1,0 +1,278 @@
+"""Streaming the cache into training batches: deterministic, rank/worker-disjoint, resumable, held-out aware.
+
+Order of a training stream (everything is a pure function of seed, epoch, rank and worker, so a resumed run sees
+exactly the batches an uninterrupted one would):
+1. Units are the cache's row groups (split into equal parts when there are fewer row groups than readers, so every
+   rank and worker has data even in a tiny cache).
+2. Each epoch permutes the units with a generator seeded by (seed, epoch) and deals them round-robin to ranks, then
+   each rank's share round-robin to its dataloader workers: disjoint, and every unit is read once per epoch.
+3. Within a unit, the training rows (sequence ids not held out) are shuffled with a generator seeded by
+   (seed, epoch, unit).
+4. Rows are grouped greedily into batches of N sequences or of at most N padded tokens. The stream position
+   (epoch, unit cursor, row cursor) after each yielded batch is the dataset's state_dict, which torchdata's
+   StatefulDataLoader snapshots per worker and restores on resume.
+
+The held-out split is a hash of the sequence id (splitmix64), independent of the seed, so every run on a cache holds
+out the same sequences and evaluations are comparable across students.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitcache.storage import CachedSequence, CacheReader
+
+__all__ = [
+    "splitmix64",
+    "held_out_mask",
+    "plan_parts",
+    "assigned_parts",
+    "collate",
+    "CacheStream",
+    "steps_for_epochs",
+]
+
+_U64 = np.uint64
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a well-mixed uint64 hash of each int64 in x (shape kept)."""
+    z = np.asarray(x).astype(np.int64).view(np.uint64) + _U64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
+
+
+def held_out_mask(sequence_ids: np.ndarray, eval_fraction: float) -> np.ndarray:
+    """bool [B]: which sequence ids belong to the held-out split (about `eval_fraction` of all ids)."""
+    u = (splitmix64(sequence_ids) >> _U64(11)).astype(np.float64) / float(1 << 53)
+    return u < eval_fraction
+
+
+def plan_parts(units: list[tuple[int, int, int]], min_parts: int) -> list[tuple[int, int, int, int]]:
+    """(shard, row_group, part, num_parts) reading units; each row group is split into num_parts sequence ranges
+    when the cache has fewer row groups than `min_parts` (ranks x workers), so that no reader is left idle."""
+    nonempty = [u for u in units if u[2] > 0]
+    if not nonempty:
+        return []
+    splits = max(1, math.ceil(min_parts / len(nonempty)))
+    out = []
+    for shard, group, rows in nonempty:
+        n = min(splits, rows)
+        out.extend((shard, group, p, n) for p in range(n))
+    return out
+
+
+def assigned_parts(
+    num_parts: int, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
+) -> np.ndarray:
+    """int64 indices into the plan that (rank, worker) reads in this epoch, in reading order."""
+    perm = np.random.default_rng([seed, epoch]).permutation(num_parts)
+    return perm[rank::world_size][worker::num_workers]
+
+
+def _part_rows(n_rows: int, part: int, num_parts: int) -> tuple[int, int]:
+    return n_rows * part // num_parts, n_rows * (part + 1) // num_parts
+
+
+def collate(
+    seqs: list[CachedSequence], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pads sequences into a batch and gathers the teacher's arrays at the loss positions only.
+
+    Position t of sequence b (predicting input_ids[b, t+1]) trains when loss_mask[b, t+1]; those N positions are, in
+    row-major order: `positions` int64 [N] flat indices into [B, L] (the student's logits at b, t), `targets` int64
+    [N], `topk_ids` int64 [N, K] (-1 = padding), `topk_logprobs` float32 [N, K], `tail_mass` float32 [N],
+    `target_logprobs` float32 [N]. Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L],
+    `num_tokens` (real tokens), `num_positions` and `epoch` (of the last row) int64 scalars, and `sequence_id`
+    int64 [B]. Head entries beyond `top_k_used`, and ids outside
+    the tokenizer's vocabulary (padded logit rows), are folded into the tail bucket.
+    """
+    lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
+    bsz, width = len(seqs), int(lengths.max())
+    input_ids = np.zeros((bsz, width), dtype=np.int64)
+    attention = np.zeros((bsz, width), dtype=np.int64)
+    pos, ids, lps, tail, tgt_lp = [], [], [], [], []
+    for b, s in enumerate(seqs):
+        n = s.num_tokens
+        input_ids[b, :n] = s.input_ids
+        attention[b, :n] = 1
+        t = np.flatnonzero(s.loss_mask[1:])
+        pos.append(b * width + t)
+        ids.append(s.topk_ids[t])
+        lps.append(s.topk_logprobs[t])
+        tail.append(s.tail_mass[t])
+        tgt_lp.append(s.target_logprobs[t])
+    positions = np.concatenate(pos)
+    topk_ids = np.concatenate(ids).astype(np.int64)
+    topk_lps = np.concatenate(lps).astype(np.float32)
+    tail_mass = np.concatenate(tail).astype(np.float64)
+    if top_k_used is not None and top_k_used < topk_ids.shape[1]:
+        dropped = np.where(topk_ids[:, top_k_used:] >= 0, np.exp(topk_lps[:, top_k_used:].astype(np.float64)), 0.0)
+        tail_mass += dropped.sum(axis=1)
+        topk_ids, topk_lps = topk_ids[:, :top_k_used], topk_lps[:, :top_k_used]
+    outside = topk_ids >= vocab_size
+    if outside.any():
+        tail_mass += np.where(outside, np.exp(topk_lps.astype(np.float64)), 0.0).sum(axis=1)
+        topk_ids = np.where(outside, -1, topk_ids)
+        topk_lps = np.where(outside, -np.inf, topk_lps).astype(np.float32)
+    flat_ids = input_ids.reshape(-1)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "positions": torch.from_numpy(positions),
+        "targets": torch.from_numpy(flat_ids[positions + 1]),
+        "topk_ids": torch.from_numpy(np.ascontiguousarray(topk_ids)),
+        "topk_logprobs": torch.from_numpy(np.ascontiguousarray(topk_lps)),
+        "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32)),
+        "target_logprobs": torch.from_numpy(np.concatenate(tgt_lp).astype(np.float32)),
+        "num_tokens": torch.tensor(int(lengths.sum())),
+        "num_positions": torch.tensor(int(positions.shape[0])),
+        "epoch": torch.tensor(epoch),
+        "sequence_id": torch.tensor([s.sequence_id for s in seqs], dtype=torch.int64),
+    }
+
+
+class CacheStream(IterableDataset):
+    """Batches from a cache: the training stream (endless, shuffled, resumable) or the held-out split (one pass).
+
+    Yields `collate` dicts. Each (rank, worker) reads a disjoint set of units (see the module docstring); with
+    `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
+    pass stops after `max_sequences` held-out sequences (0: all).
+    """
+
+    def __init__(
+        self,
+        cache: str,
+        *,
+        seed: int,
+        batch_count: int,
+        batch_unit: str = "sequences",
+        eval_fraction: float = 0.0,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        top_k_used: int | None = None,
+        max_sequences: int = 0,
+    ) -> None:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if batch_unit not in ("sequences", "tokens"):
+            raise ValueError(f"batch_unit must be 'sequences' or 'tokens', got {batch_unit!r}")
+        self.cache, self.seed, self.split = cache, seed, split
+        self.batch_count, self.batch_unit = batch_count, batch_unit
+        self.eval_fraction, self.rank, self.world_size = eval_fraction, rank, world_size
+        self.top_k_used, self.max_sequences = top_k_used, max_sequences
+        self._state: dict[str, int] = {"epoch": 0, "unit": 0, "row": 0}
+
+    # torchdata's StatefulDataLoader calls these inside each worker process.
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = {k: int(state[k]) for k in ("epoch", "unit", "row")}
+
+    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int], rng: np.random.Generator | None):
+        """The kept sequences of one reading unit, shuffled when rng is given."""
+        shard, group, p, n = part
+        batch = reader.read_unit(shard, group)
+        lo, hi = _part_rows(len(batch), p, n)
+        held = held_out_mask(batch.sequence_id[lo:hi], self.eval_fraction)
+        keep = lo + np.flatnonzero(held if self.split == "eval" else ~held)
+        if rng is not None:
+            keep = rng.permutation(keep)
+        return batch, keep
+
+    def _full(self, pending: list[CachedSequence], nxt: CachedSequence) -> bool:
+        """Whether adding `nxt` would overflow the batch (a batch always takes at least one sequence)."""
+        if not pending:
+            return False
+        if self.batch_unit == "sequences":
+            return len(pending) >= self.batch_count
+        width = max(max(s.num_tokens for s in pending), nxt.num_tokens)
+        return (len(pending) + 1) * width > self.batch_count
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader = CacheReader(self.cache)
+        if self.split == "eval":
+            yield from self._iter_eval(reader)
+            return
+        parts = plan_parts(reader.units(), self.world_size * num_workers)
+        if not parts:
+            raise ValueError(f"{self.cache}: the cache holds no sequences to train on")
+        vocab = reader.vocab_size
+        pending: list[CachedSequence] = []
+        empty_epochs = last_epoch = 0
+        while True:
+            epoch = self._state["epoch"]
+            order = assigned_parts(len(parts), self.seed, epoch, self.rank, self.world_size, worker, num_workers)
+            seen = 0
+            for u in range(self._state["unit"], len(order)):
+                rng = np.random.default_rng([self.seed, epoch, int(order[u])])
+                batch, keep = self._rows(reader, parts[order[u]], rng)
+                seen += len(keep)
+                for r in range(self._state["row"] if u == self._state["unit"] else 0, len(keep)):
+                    seq = batch.sequence(int(keep[r]))
+                    if self._full(pending, seq):
+                        self._state = {"epoch": epoch, "unit": u, "row": r}
+                        out, pending = pending, []
+                        yield collate(out, vocab, self.top_k_used, last_epoch)
+                    pending.append(seq)
+                    last_epoch = epoch
+            # Next epoch; the batch in progress continues across the boundary (the stream is endless).
+            self._state = {"epoch": epoch + 1, "unit": 0, "row": 0}
+            empty_epochs = empty_epochs + 1 if seen == 0 else 0
+            if empty_epochs > 1 and not pending:
+                raise ValueError(
+                    f"{self.cache}: rank {self.rank} worker {worker} has no training sequences (all held out, or too "
+                    "few row groups); lower --eval-fraction or --num-workers"
+                )
+
+    def _iter_eval(self, reader: CacheReader) -> Iterator[dict[str, torch.Tensor]]:
+        vocab = reader.vocab_size
+        pending: list[CachedSequence] = []
+        taken = index = 0
+        for shard, group, rows in reader.units():
+            if rows == 0:
+                continue
+            batch, keep = self._rows(reader, (shard, group, 0, 1), None)
+            for i in keep:
+                if self.max_sequences and taken >= self.max_sequences:
+                    break
+                seq = batch.sequence(int(i))
+                if self._full(pending, seq):
+                    if index % self.world_size == self.rank:
+                        yield collate(pending, vocab, self.top_k_used)
+                    index, pending = index + 1, []
+                pending.append(seq)
+                taken += 1
+            if self.max_sequences and taken >= self.max_sequences:
+                break
+        if pending and index % self.world_size == self.rank:
+            yield collate(pending, vocab, self.top_k_used)
+
+
+def steps_for_epochs(
+    manifest: dict[str, Any],
+    epochs: float,
+    eval_fraction: float,
+    batch_count: int,
+    batch_unit: str,
+    grad_accum: int,
+    world_size: int,
+) -> int:
+    """Optimizer steps for `epochs` passes over the training split, from the manifest's totals (approximate for a
+    token budget: padding is not counted)."""
+    totals = manifest["totals"]
+    size = totals["num_sequences"] if batch_unit == "sequences" else totals["num_tokens"]
+    per_step = batch_count * grad_accum * world_size
+    return max(1, math.ceil(epochs * size * (1.0 - eval_fraction) / per_step))

@@ -1,0 +1,375 @@
+"""The training recipe: stream the cache, distill the student, log, evaluate, checkpoint, resume exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitcache.storage import CacheReader
+from logitcache.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_final
+from logitcache.train.config import ConfigError, TrainConfig
+from logitcache.train.data import CacheStream, steps_for_epochs
+from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
+from logitcache.train.evaluate import evaluate
+from logitcache.train.student import DistillModel, build_student
+
+__all__ = ["train", "RESUMABLE_CHANGES", "CONFIG_NAME", "METRICS_NAME"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+METRICS_NAME = "metrics.jsonl"
+# Options that may change between a run and its --resume without changing the batches or the math.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "epochs",
+        "eval_every",
+        "eval_max_sequences",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "resume",
+        "progress",
+        "output",
+        "cache",
+        "tokenizer",
+        "student",
+        "compile",
+    }
+)
+
+
+def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast on CUDA (when auto or asked), float32 (no autocast) on CPU unless asked."""
+    if cfg.dtype == "float32":
+        return None
+    if cfg.dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # biases and norm gains (1-D) are not decayed: shrinking them only hurts
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
+
+
+def _check_resume(run_dir: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run or to change its math."""
+    saved = run_dir / CONFIG_NAME
+    if not cfg.resume:
+        if saved.exists():
+            raise ConfigError(
+                f"`--output {run_dir}` already holds a run ({saved}); pass `--resume` to continue it, or choose "
+                "another --output"
+            )
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        if saved.exists():
+            raise ConfigError(f"`--resume`: {run_dir} has no complete checkpoint yet; delete it and start again")
+        return None  # nothing to resume: a fresh run
+    old = json.loads(saved.read_text())["train"]
+    new = cfg.to_dict()
+    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and k in old and old[k] != new[k] and k != "lr")
+    if cfg.lr is not None and old.get("lr") != cfg.lr:
+        changed.append("lr")
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(
+            f"`--resume` would change {diffs}: the resumed run would not continue the same training. Resume with "
+            f"the original options (see {saved}), or start a new run in another --output"
+        )
+    return ckpt
+
+
+class _Metrics:
+    """metrics.jsonl writer (rank 0): one JSON object per line; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _wrap(dm: DistillModel, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    """DDP for several processes; FSDP2 (`fully_shard` per decoder layer, then the whole) with --fsdp on CUDA."""
+    if cfg.fsdp:
+        if env.device.type != "cuda":
+            raise ConfigError("`--fsdp` needs CUDA GPUs; on CPU drop it (DDP over gloo is used with torchrun)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in dm.model.get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(dm)
+        return dm
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(dm, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return dm
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) a student run as configured; returns the final metrics (rank 0; {} elsewhere)."""
+    env = init_distributed()
+    try:
+        return _train(cfg, env)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    run_dir = Path(cfg.output)
+    reader = CacheReader(cfg.cache)
+    if cfg.top_k_used is not None and cfg.top_k_used > reader.top_k:
+        raise ConfigError(f"`--top-k-used {cfg.top_k_used}` exceeds the cache's top_k {reader.top_k}; use at most that")
+    ckpt = _check_resume(run_dir, cfg)
+    state = load_trainer_state(ckpt) if ckpt is not None else None
+    if state is not None and state["world_size"] != env.world_size:
+        raise ConfigError(
+            f"`--resume`: the checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
+            f"{env.world_size}; resume with the same torchrun --nproc-per-node (the data stream is per rank)"
+        )
+    student = build_student(str(ckpt) if ckpt else cfg.student, reader, cfg.tokenizer, cfg.seed)
+    if state is not None:
+        cfg = cfg.replace(lr=state["lr"])
+    elif cfg.lr is None:
+        cfg = cfg.replace(lr=5e-5 if student.kind == "pretrained" else 1e-3)
+    total = cfg.steps or steps_for_epochs(
+        reader.manifest,
+        cfg.epochs or 1.0,
+        cfg.eval_fraction,
+        cfg.batch_count,
+        cfg.batch_unit,
+        cfg.grad_accum,
+        env.world_size,
+    )
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            "steps": total,
+            "world_size": env.world_size,
+            "student_kind": student.kind,
+            "vocab_size": student.vocab_size,
+            "cache_top_k": reader.top_k,
+            "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
+        }
+        (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+
+    loss_kwargs = {
+        "loss": cfg.loss,
+        "beta": cfg.beta,
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+        "no_tail": cfg.no_tail,
+        "chunk_size": cfg.kd_chunk_size,
+    }
+    dm = DistillModel(student.model, student.vocab_size, loss_kwargs).to(env.device)
+    if cfg.grad_checkpointing:
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        student.model.get_decoder().compile()
+    model = _wrap(dm, cfg, env)
+    opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
+    sched = _scheduler(opt, cfg, total)
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    stream = CacheStream(
+        cfg.cache,
+        seed=cfg.seed,
+        batch_count=cfg.batch_count,
+        batch_unit=cfg.batch_unit,
+        eval_fraction=cfg.eval_fraction,
+        split="train",
+        rank=env.rank,
+        world_size=env.world_size,
+        top_k_used=cfg.top_k_used,
+    )
+    loader = StatefulDataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=False,
+        snapshot_every_n_steps=1,
+    )
+    start, tokens_seen = 0, 0
+    if state is not None:
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(dm, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"][env.rank])
+        torch.set_rng_state(state["rng"]["torch"])
+        start, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        if env.is_main:
+            log.warning("resuming %s from %s (step %d of %d)", run_dir, ckpt, start, total)
+    metrics = _Metrics(run_dir / METRICS_NAME, env.is_main, start if state is not None else None)
+    amp = _autocast_dtype(cfg, env.device)
+    evaluate_kwargs = {
+        "eval_fraction": cfg.eval_fraction,
+        "batch_count": cfg.batch_count,
+        "batch_unit": cfg.batch_unit,
+        "max_sequences": cfg.eval_max_sequences,
+        "chunk_size": cfg.kd_chunk_size,
+        "autocast": amp,
+        "env": env,
+    }
+    bar = None
+    if env.is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train-student", unit="step", dynamic_ncols=True)
+    it = iter(loader)
+    last: dict[str, Any] = {}
+    for step in range(start + 1, total + 1):
+        t_step = time.perf_counter()
+        micro = [next(it) for _ in range(cfg.grad_accum)]
+        counts = torch.tensor(
+            [float(sum(int(b["num_positions"]) for b in micro)), float(sum(int(b["num_tokens"]) for b in micro))],
+            dtype=torch.float64,
+        )
+        counts = all_reduce_sum(counts.to(env.device)).cpu()
+        n_pos, n_tok = int(counts[0]), int(counts[1])
+        # DDP averages gradients over ranks: divide each rank's sum by (global positions / world) so that the
+        # averaged gradient is that of the mean over every loss position of the step, on all ranks together.
+        norm = max(n_pos, 1) / env.world_size
+        sums = torch.zeros(2, dtype=torch.float64)
+        model.train()
+        for i, b in enumerate(micro):
+            b = _to_device(b, env.device)
+            sync = (i == len(micro) - 1) or env.world_size == 1 or cfg.fsdp
+            ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
+            with ctx, torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                total_loss, kd_sum, ce_sum = model(b, norm)
+                total_loss.backward()
+            sums += torch.stack([kd_sum.double().cpu(), ce_sum.double().cpu()])
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(dm.parameters(), cfg.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(dm.parameters(), math.inf))
+        lr = float(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sums = all_reduce_sum(sums.to(env.device)).cpu()
+        tokens_seen += n_tok
+        now = time.perf_counter()
+        kd, ce = float(sums[0]) / max(n_pos, 1), float(sums[1]) / max(n_pos, 1)
+        last = {
+            "step": step,
+            "loss": cfg.alpha * cfg.temperature**2 * kd + (1 - cfg.alpha) * ce,
+            "kd_loss": kd,
+            "ce_loss": ce,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "positions": n_pos,
+            "tokens": n_tok,
+            "tokens_seen": tokens_seen,
+            "tokens_per_second": n_tok / max(now - t_step, 1e-9),
+            "step_seconds": now - t_step,
+        }
+        if step % cfg.log_every == 0 or step == total:
+            metrics.write(last)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}",
+                    kd=f"{kd:.4f}",
+                    ce=f"{ce:.4f}",
+                    tok_s=f"{last['tokens_per_second']:.0f}",
+                    refresh=False,
+                )
+        if bar is not None:
+            bar.update(1)
+        if ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and cfg.eval_fraction > 0:
+            result = evaluate(model, cfg.cache, **evaluate_kwargs)
+            metrics.write({"step": step, "eval": result})
+            if env.is_main:
+                _plot(run_dir)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+            data_states = gather_to_rank0(loader.state_dict())
+            weights, opt_state = _full_states(dm, opt, cfg)
+            if env.is_main:
+                trainer_state = {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "world_size": env.world_size,
+                    "lr": cfg.lr,
+                    "optimizer": opt_state,
+                    "scheduler": sched.state_dict(),
+                    "data": data_states,
+                    "rng": {"torch": torch.get_rng_state()},
+                }
+                save_checkpoint(
+                    run_dir, step, dm.model, student.tokenizer, trainer_state, cfg.keep_checkpoints, weights
+                )
+    if bar is not None:
+        bar.close()
+    weights, _ = _full_states(dm, None, cfg)
+    if env.is_main:
+        save_final(run_dir, dm.model, student.tokenizer, weights)
+        _plot(run_dir)
+    return last if env.is_main else {}
+
+
+def _full_states(
+    dm: nn.Module, opt: torch.optim.Optimizer | None, cfg: TrainConfig
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """(student weights, optimizer state) as full, unsharded state dicts for saving.
+
+    Without FSDP: (None, opt.state_dict()); save_pretrained reads the weights itself. With FSDP every rank takes
+    part in the all-gather and the result (offloaded to CPU) is used on rank 0.
+    """
+    if not cfg.fsdp:
+        return None, opt.state_dict() if opt is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(dm, options=options)
+    weights = {k.removeprefix("model."): v for k, v in full.items()}
+    return weights, get_optimizer_state_dict(dm, opt, options=options) if opt is not None else None
+
+
+def _plot(run_dir: Path) -> None:
+    try:
+        from logitcache.train.plot import plot_metrics
+
+        plot_metrics(run_dir)
+    except Exception as e:  # a plot must never fail a run
+        log.warning("could not plot %s: %s", run_dir / METRICS_NAME, e)

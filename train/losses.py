@@ -1,0 +1,265 @@
+"""Distillation losses on the bucketed support (cached top-k head + one tail bucket), chunked over positions.
+
+The teacher is known only through its top-k log-probs at T=1 and the exact mass outside them (`tail_mass`). Every
+loss here compares two distributions over the same K+1 outcomes: the K head tokens H and one "tail" bucket that
+stands for every other token. Teacher: P = (p_i for i in H, p_tail). Student: Q = (q_i for i in H, q_tail) with
+q = softmax(student logits) over the full vocabulary and q_tail = 1 - sum_H q_i, computed as a log-sum-exp over the
+complement of H (exact and stable even when the head holds nearly all of the mass, where log1p(-sum) loses digits).
+
+Divergences (per position, summed over the K+1 buckets):
+    forward_kl  KL(P || Q)        = sum P (log P - log Q)
+    reverse_kl  KL(Q || P)        = sum Q (log Q - log P)
+    jsd(beta)   beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q   (beta = 0.5: the usual JSD)
+    tvd         1/2 sum |P - Q|
+    skew_kl(beta)  KL(P || M),  M = beta P + (1 - beta) Q   (skew forward KL of DistiLLM, Ko et al. 2024)
+
+Temperature. The cache is stored at T=1; the teacher's distribution at T != 1 would need every tail probability
+(sum_{j in tail} p_j^(1/T)), which was never stored. Tempering the tail as a single bucket (p_tail^(1/T)) while the
+student is tempered over its full vocabulary (softmax(z / T)) compares two different maps, and the student that
+minimises that loss is *not* the teacher: at T > 1, sum_tail q_j^(1/T) > q_tail^(1/T), so the student is pushed to
+shrink its tail, the over-confidence the tail bucket exists to avoid. So both sides get the same map on the K+1
+buckets: b -> b^(1/T) / sum_buckets b^(1/T), i.e. log-probs divided by T and re-normalised over the head AND the tail
+bucket (the tail is tempered as one bucket with mass p_tail^(1/T), on both sides). The ratios between head tokens
+are exactly those of softmax(z / T); only the tail's share differs from a full-vocabulary tempering. The divergence
+of the tempered buckets is 0 iff the untempered buckets agree, so the minimiser stays "match the teacher". The KD
+term is multiplied by T^2 (Hinton et al.) so its gradient scale does not shrink with T.
+
+`no_tail=True` is the baseline other projects use: the teacher head is renormalised (the tail dropped) and compared
+with the student's full-vocabulary log-softmax (of z / T) gathered at the head ids. It biases the student towards
+over-confidence and exists for comparisons.
+
+Memory: `chunked_distillation_loss` takes the student's last hidden states and the output head and materialises
+full-vocabulary logits for `chunk_size` positions at a time, recomputing them in backward (activation
+checkpointing), so peak memory stays at one chunk's [chunk, V] logits instead of [positions, V].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "LOSSES",
+    "LossParts",
+    "bucket_logprobs",
+    "divergence",
+    "kd_loss_per_position",
+    "distillation_loss",
+    "chunked_distillation_loss",
+]
+
+from logitcache.train.config import LOSSES
+
+# log-probs below this are treated as 0 probability; finite so that 0 * log(0) terms and their gradients stay 0.
+_LOG_FLOOR = -1e4
+
+
+@dataclass
+class LossParts:
+    """Sums over the positions of a batch (divide by `num_positions` for means); `total` carries the gradient."""
+
+    total: torch.Tensor  # scalar: alpha * T^2 * kd_sum + (1 - alpha) * ce_sum, divided by the normaliser
+    kd_sum: torch.Tensor  # scalar, detached: sum over positions of the (untempered-scale) KD divergence
+    ce_sum: torch.Tensor  # scalar, detached: sum over positions of the CE on the real next token
+    num_positions: int
+
+
+def bucket_logprobs(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    temperature: float = 1.0,
+    no_tail: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs on the K+1 buckets (head tokens, then the tail), tempered.
+
+    student_logits: float [N, V] (any float dtype; computed in float32); topk_ids: int [N, K], -1 = padding;
+    topk_logprobs: float [N, K] teacher log-probs at T=1 (ignored where padded); tail_mass: float [N] in [0, 1].
+    Returns (teacher_lp, student_lp, valid): float32 [N, K+1], float32 [N, K+1], bool [N, K+1]. Invalid buckets
+    (padding; the tail when `no_tail`) hold _LOG_FLOOR and must be given zero weight.
+    """
+    z = student_logits.float()
+    valid_head = topk_ids >= 0
+    ids = topk_ids.clamp(min=0).long()
+    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
+    s_head = z.gather(-1, ids) - lse_all  # student log q_i at T=1, [N, K]
+    neg = torch.full_like(s_head, _LOG_FLOOR)
+
+    t_head = torch.where(valid_head, topk_logprobs.float(), neg)
+    if no_tail:
+        # Baseline: renormalised teacher head vs the student's full-vocabulary log-softmax at T, gathered.
+        t_lp = torch.log_softmax(t_head / temperature, dim=-1)
+        s_lp = (z.gather(-1, ids) / temperature) - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
+        tail = torch.full_like(s_head[:, :1], _LOG_FLOOR)
+        valid = torch.cat([valid_head, torch.zeros_like(valid_head[:, :1])], dim=-1)
+        t_lp = torch.where(valid_head, t_lp, neg)
+        s_lp = torch.where(valid_head, s_lp, neg)
+        return torch.cat([t_lp, tail], -1), torch.cat([s_lp, tail], -1), valid
+
+    # log q_tail = logsumexp over the complement of H - logsumexp over all: exact, no cancellation.
+    # scatter_add, not scatter: padded slots point at id 0 too, and must not unmask a real head token 0
+    head_mask = torch.zeros_like(z, dtype=torch.int32).scatter_add_(-1, ids, valid_head.to(torch.int32)) > 0
+    s_tail = torch.logsumexp(z.masked_fill(head_mask, _LOG_FLOOR), dim=-1, keepdim=True) - lse_all
+    t_tail = torch.log(tail_mass.float().clamp(min=0.0)).clamp(min=_LOG_FLOOR).unsqueeze(-1)
+    s_head = torch.where(valid_head, s_head, neg)
+    valid = torch.cat([valid_head, torch.ones_like(valid_head[:, :1])], dim=-1)
+    t_lp = torch.cat([t_head, t_tail], dim=-1)
+    s_lp = torch.cat([s_head, s_tail.clamp(min=_LOG_FLOOR)], dim=-1)
+    # Same map on both sides (see the module docstring); at T=1 this only renormalises the teacher's buckets,
+    # whose quantized head plus tail may miss 1 by the codec's rounding.
+    big_neg = -1e30  # excluded from the normalisation; finite so that / T cannot overflow
+    t_lp = torch.log_softmax(t_lp.masked_fill(~valid, big_neg) / temperature, dim=-1)
+    if temperature != 1.0:
+        s_lp = torch.log_softmax(s_lp.masked_fill(~valid, big_neg) / temperature, dim=-1)
+    t_lp = t_lp.masked_fill(~valid, _LOG_FLOOR).clamp(min=_LOG_FLOOR)
+    s_lp = s_lp.masked_fill(~valid, _LOG_FLOOR).clamp(min=_LOG_FLOOR)
+    return t_lp, s_lp, valid
+
+
+def divergence(
+    teacher_lp: torch.Tensor, student_lp: torch.Tensor, valid: torch.Tensor, loss: str, beta: float | None = None
+) -> torch.Tensor:
+    """Per-position divergence between two bucket distributions given as log-probs.
+
+    teacher_lp, student_lp: float32 [N, B]; valid: bool [N, B] (invalid buckets weigh 0). Returns float32 [N] (nats;
+    TVD in probability units).
+    """
+    w = valid.to(teacher_lp.dtype)
+    p = teacher_lp.exp() * w
+    q = student_lp.exp() * w
+    if loss == "forward_kl":
+        out = p * (teacher_lp - student_lp)
+    elif loss == "reverse_kl":
+        out = q * (student_lp - teacher_lp)
+    elif loss in ("jsd", "skew_kl"):
+        if beta is None or not 0.0 < beta < 1.0:
+            raise ValueError(f"loss {loss!r} needs beta in (0, 1), got {beta!r}")
+        log_m = torch.logaddexp(teacher_lp + math.log(beta), student_lp + math.log1p(-beta))
+        out = p * (teacher_lp - log_m)
+        if loss == "jsd":
+            out = beta * out + (1.0 - beta) * q * (student_lp - log_m)
+    elif loss == "tvd":
+        out = 0.5 * (p - q).abs()
+    else:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    return out.sum(dim=-1)
+
+
+def kd_loss_per_position(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    no_tail: bool = False,
+) -> torch.Tensor:
+    """KD divergence at each position on the bucketed support (not scaled by T^2).
+
+    student_logits: float [N, V]; topk_ids: int [N, K] (-1 = padding); topk_logprobs: float [N, K] (T=1);
+    tail_mass: float [N]. Returns float32 [N].
+    """
+    t_lp, s_lp, valid = bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_mass, temperature, no_tail)
+    return divergence(t_lp, s_lp, valid, loss, beta)
+
+
+def _chunk_sums(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str,
+    beta: float | None,
+    temperature: float,
+    no_tail: bool,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weighted sum, kd sum, ce sum) of one chunk's positions; logits [C, V]."""
+    ce = F.cross_entropy(logits.float(), targets.long(), reduction="sum")
+    if alpha > 0.0:
+        kd = kd_loss_per_position(logits, topk_ids, topk_logprobs, tail_mass, loss, beta, temperature, no_tail).sum()
+    else:
+        kd = logits.new_zeros((), dtype=torch.float32)
+    total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+    return total, kd.detach(), ce.detach()
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    no_tail: bool = False,
+    normalizer: float | None = None,
+) -> LossParts:
+    """alpha * T^2 * KD + (1 - alpha) * CE, summed over positions and divided by `normalizer` (default: N).
+
+    All inputs are the loss-mask positions only: student_logits float [N, V]; topk_ids int [N, K];
+    topk_logprobs float [N, K]; tail_mass float [N]; targets int [N] (the real next tokens).
+    """
+    n = int(targets.shape[0])
+    total, kd, ce = _chunk_sums(
+        student_logits, topk_ids, topk_logprobs, tail_mass, targets, loss, beta, temperature, no_tail, alpha
+    )
+    norm = float(normalizer if normalizer is not None else max(n, 1))
+    return LossParts(total=total / norm, kd_sum=kd, ce_sum=ce, num_positions=n)
+
+
+def chunked_distillation_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_mass: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    beta: float | None = None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    no_tail: bool = False,
+    normalizer: float | None = None,
+    chunk_size: int = 512,
+) -> LossParts:
+    """`distillation_loss` of head(hidden), with the [N, V] logits only ever materialised `chunk_size` rows at once.
+
+    hidden: float [N, D] the student's final hidden states at the loss-mask positions; head: maps [C, D] -> [C, V]
+    logits (the output embedding, sliced to the cache's vocabulary). Other inputs as `distillation_loss`.
+    Each chunk is recomputed during backward (torch.utils.checkpoint), so only hidden is kept between passes.
+    """
+    n = int(targets.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def run(h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tgt: torch.Tensor):
+        return _chunk_sums(head(h), ids, lps, tail, tgt, loss, beta, temperature, no_tail, alpha)
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    kd = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (hidden[sl], topk_ids[sl], topk_logprobs[sl], tail_mass[sl], targets[sl])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            t, k, c = checkpoint(run, *args, use_reentrant=False)
+        else:
+            t, k, c = run(*args)
+        total = total + t
+        kd = kd + k
+        ce = ce + c
+    norm = float(normalizer if normalizer is not None else max(n, 1))
+    return LossParts(total=total / norm, kd_sum=kd, ce_sum=ce, num_positions=n)

@@ -1,0 +1,292 @@
+"""The student: built from a preset, a config file or pretrained weights, checked against the cache's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitcache.storage import CacheReader, tokenizer_fingerprint
+from logitcache.train.losses import chunked_distillation_loss, kd_loss_per_position
+
+__all__ = [
+    "PRESETS",
+    "StudentError",
+    "Student",
+    "student_kind",
+    "load_cache_tokenizer",
+    "build_student",
+    "DistillModel",
+]
+
+log = logging.getLogger(__name__)
+
+# Llama-shaped students initialised from scratch; the vocabulary comes from the cache.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": {
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "tie_word_embeddings": True,
+    },
+    "small-llama": {
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 688,
+        "tie_word_embeddings": True,
+    },
+}
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class StudentError(ValueError):
+    """The student cannot be trained on this cache; the message says why and what to do."""
+
+
+@dataclass
+class Student:
+    model: nn.Module  # a transformers PreTrainedModel (causal LM), float32 weights
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast matching the cache
+    kind: str  # "preset" | "config" | "pretrained"
+    vocab_size: int  # the tokenizer's vocabulary: logits beyond it (padding rows) are ignored
+
+
+def student_kind(spec: str) -> str:
+    """ "preset", "config" (a JSON/YAML model config file) or "pretrained" (a directory or hub id with weights)."""
+    if spec in PRESETS:
+        return "preset"
+    p = Path(spec)
+    if p.is_file() and p.suffix.lower() in (".json", ".yaml", ".yml"):
+        return "config"
+    if p.is_dir() and (p / "config.json").is_file() and not any((p / f).exists() for f in _WEIGHT_FILES):
+        return "config"
+    return "pretrained"
+
+
+def _fingerprint(tok: Any, where: str) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise StudentError(f"{where}: a fast (tokenizer.json) tokenizer is needed to check it against the cache")
+    return tokenizer_fingerprint(backend.to_str())
+
+
+def _tokenizer_candidates(reader: CacheReader) -> list[str]:
+    """Where the cache's tokenizer may be: local directories first (no hub round trips), then the name as a hub id.
+
+    The manifest's tokenizer.name may be a path relative to where cache-teacher ran, or only the teacher's
+    directory name; the capture's resolved config (manifest["config"]["teacher"]) holds the path it was given.
+    """
+    info = reader.manifest["tokenizer"]
+    names = [n for n in (info.get("name"), (reader.manifest.get("config") or {}).get("teacher")) if n]
+    local: list[str] = []
+    if "://" not in reader.path:
+        cache = Path(reader.path)
+        local.append(str(cache / "tokenizer"))
+        for n in names:
+            local += [n, str(cache / n), str(cache.parent / n)]
+    found = [c for c in dict.fromkeys(local) if (Path(c) / "tokenizer.json").is_file()]
+    hub = [str(n) for n in names if not Path(str(n)).exists() and str(n).count("/") == 1]
+    return found + hub
+
+
+def load_cache_tokenizer(reader: CacheReader, override: str | None = None) -> Any:
+    """The tokenizer that the cache's ids mean: `override` or the manifest's `tokenizer.name`, fingerprint-checked."""
+    from transformers import AutoTokenizer
+
+    info = reader.manifest["tokenizer"]
+    name = override or info.get("name")
+    candidates = [override] if override else _tokenizer_candidates(reader)
+    if not candidates:
+        raise StudentError(
+            f"{reader.path}: cannot find the cache's tokenizer (manifest tokenizer.name {name!r} is not a directory "
+            "here); pass `--tokenizer DIR` with the teacher's tokenizer files"
+        )
+    errors = []
+    for cand in candidates:
+        try:
+            tok = AutoTokenizer.from_pretrained(cand)
+            break
+        except Exception as e:  # transformers raises OSError/ValueError/HF errors alike for a missing tokenizer
+            errors.append(f"{cand}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    else:
+        flag = "`--tokenizer`" if override else f"the manifest's tokenizer.name {name!r}"
+        raise StudentError(
+            f"cannot load the cache's tokenizer from {flag} ({'; '.join(errors)}); pass `--tokenizer DIR` pointing "
+            "at the teacher's tokenizer files"
+        )
+    got, want = _fingerprint(tok, str(name)), info["fingerprint"]
+    if got != want:
+        raise StudentError(
+            f"tokenizer {name!r} has fingerprint {got}, but the cache {reader.path} was captured with {want}: "
+            "pass `--tokenizer` with the teacher's own tokenizer"
+        )
+    return tok
+
+
+def _model_config(spec: str, kind: str, reader: CacheReader) -> Any:
+    from transformers import AutoConfig
+
+    max_len = int(reader.manifest["capture"].get("max_seq_len") or 2048)
+    if kind == "preset":
+        return AutoConfig.for_model(
+            "llama", vocab_size=reader.padded_vocab_size, max_position_embeddings=max(2048, max_len), **PRESETS[spec]
+        )
+    p = Path(spec)
+    path = p / "config.json" if p.is_dir() else p
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        doc = yaml.safe_load(path.read_text())
+    else:
+        doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise StudentError(f"`--student {spec}`: expected a mapping of model config fields")
+    doc = dict(doc)
+    model_type = doc.pop("model_type", "llama")
+    doc.setdefault("vocab_size", reader.padded_vocab_size)
+    doc.setdefault("max_position_embeddings", max(2048, max_len))
+    for key in ("architectures", "transformers_version", "dtype", "torch_dtype"):
+        doc.pop(key, None)
+    return AutoConfig.for_model(model_type, **doc)
+
+
+def build_student(spec: str, reader: CacheReader, tokenizer: str | None = None, seed: int = 0) -> Student:
+    """The student model and tokenizer for a cache; refuses a tokenizer mismatch, aligns padded vocabularies.
+
+    A pretrained student with its own tokenizer files must have the cache's tokenizer fingerprint. The student may
+    have more logits than the tokenizer has tokens (padded embeddings, e.g. 151,936 vs 152,064): the extra rows are
+    ignored by the loss. Fewer logits than tokens is an error.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind = student_kind(spec)
+    cache_tok = load_cache_tokenizer(reader, tokenizer)
+    want = reader.manifest["tokenizer"]["fingerprint"]
+    if kind == "pretrained":
+        own = None
+        if Path(spec).is_dir() and any((Path(spec) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            own = AutoTokenizer.from_pretrained(spec)
+        if own is not None:
+            got = _fingerprint(own, spec)
+            if got != want:
+                raise StudentError(
+                    f"`--student {spec}` uses a different tokenizer (fingerprint {got}) from the cache {reader.path} "
+                    f"({want}): the cached teacher ids would mean other tokens to this student. Distill a student "
+                    "that shares the teacher's tokenizer, or recapture the cache with one."
+                )
+        else:
+            log.warning("%s has no tokenizer files; assuming it uses the cache's tokenizer", spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        except Exception as e:
+            raise StudentError(
+                f"`--student {spec}`: cannot load pretrained weights ({type(e).__name__}: {e}); pass a model "
+                f"directory, a config JSON/YAML, or a preset ({', '.join(PRESETS)})"
+            ) from None
+    else:
+        cfg = _model_config(spec, kind, reader)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < reader.vocab_size:
+        raise StudentError(
+            f"`--student {spec}` has {width} output logits, fewer than the cache's {reader.vocab_size} tokens; use a "
+            f"student whose vocab_size is at least {reader.vocab_size} (e.g. the cache's padded size "
+            f"{reader.padded_vocab_size})"
+        )
+    model.config.use_cache = False
+    return Student(model=model, tokenizer=cache_tok, kind=kind, vocab_size=reader.vocab_size)
+
+
+class DistillModel(nn.Module):
+    """A causal LM plus the distillation loss, so that DDP/FSDP see the whole step inside one forward.
+
+    The student's full-vocabulary logits are only formed by `chunked_distillation_loss`, a chunk of positions at a
+    time, from the final hidden states and the output head sliced to the tokenizer's vocabulary.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int, loss: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+        self.loss = dict(loss)  # keyword arguments of chunked_distillation_loss (loss, beta, temperature, ...)
+        cfg = model.config
+        self._softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._scale = getattr(cfg, "logit_scale", None)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[C, D] hidden states -> [C, vocab_size] logits (padded rows of the output embedding skipped)."""
+        lm_head = self.model.get_output_embeddings()
+        bias = lm_head.bias[: self.vocab_size] if getattr(lm_head, "bias", None) is not None else None
+        logits = nn.functional.linear(hidden, lm_head.weight[: self.vocab_size], bias)
+        if self._scale:
+            logits = logits * self._scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def hidden_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [N, D] at `positions` (int64 [N] flat indices into input_ids' [B, L])."""
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[positions]
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], normalizer: float | None = None, evaluate: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Training: (total loss / normalizer, kd_sum, ce_sum) of a `collate` batch already on the device.
+
+        evaluate=True: float64 [5] sums (ce, forward KL at T=1 on the bucketed support, top-1 agreements with the
+        teacher, positions, teacher NLL) for `logitcache.train.evaluate`; runs through forward so FSDP gathers.
+        """
+        hidden = self.hidden_at(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        if evaluate:
+            return (self._eval_sums(hidden, batch),)
+        parts = chunked_distillation_loss(
+            hidden,
+            self.head,
+            batch["topk_ids"],
+            batch["topk_logprobs"],
+            batch["tail_mass"],
+            batch["targets"],
+            normalizer=normalizer,
+            **self.loss,
+        )
+        return parts.total, parts.kd_sum, parts.ce_sum
+
+    @torch.no_grad()
+    def _eval_sums(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
+        chunk = int(self.loss.get("chunk_size", 512))
+        for s in range(0, hidden.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            logits = self.head(hidden[sl]).float()
+            ids, tgt = batch["topk_ids"][sl], batch["targets"][sl]
+            kl = kd_loss_per_position(logits, ids, batch["topk_logprobs"][sl], batch["tail_mass"][sl])
+            agree = (logits.argmax(dim=-1) == ids[:, 0]) & (ids[:, 0] >= 0)
+            sums += torch.stack(
+                [
+                    nn.functional.cross_entropy(logits, tgt, reduction="sum").double(),
+                    kl.sum().double(),
+                    agree.sum().double(),
+                    torch.tensor(float(tgt.shape[0]), dtype=torch.float64, device=hidden.device),
+                    -batch["target_logprobs"][sl].double().sum(),
+                ]
+            )
+        return sums
