@@ -30,7 +30,8 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 3,
     "use_dictionary": False,
-    "use_byte_stream_split": ["topk_logprobs", "target_logprobs", "tail_mass"],
+    # list columns are matched by their leaf path: the bare column name is silently ignored by pyarrow
+    "use_byte_stream_split": ["topk_logprobs.list.element", "target_logprobs.list.element", "tail_mass.list.element"],
     "write_page_checksum": True,
     "data_page_version": "2.0",
 }

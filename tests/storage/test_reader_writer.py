@@ -194,3 +194,15 @@ def test_finalize_requires_every_replica_and_unique_ids(tmp_path: Path) -> None:
     write_replica_summary(tmp_path, replica=1, num_replicas=2, summary={"rows": 1})
     with pytest.raises(CacheFormatError, match="sequence ids stored twice"):
         finalize_cache(tmp_path)
+
+
+def test_shards_use_the_documented_encodings(small_cache: tuple[Path, list[CachedSequence]]) -> None:
+    """FORMAT.md's physical encoding is really applied (pyarrow ignores option names it does not match)."""
+    path, _ = small_cache
+    meta = pq.ParquetFile(next((path / "shards").glob("*.parquet"))).metadata
+    rg = meta.row_group(0)
+    encodings = {rg.column(i).path_in_schema.split(".")[0]: set(rg.column(i).encodings) for i in range(rg.num_columns)}
+    for col in ("topk_logprobs", "target_logprobs", "tail_mass"):
+        assert "BYTE_STREAM_SPLIT" in encodings[col], (col, encodings[col])
+    assert all("RLE_DICTIONARY" not in e and "PLAIN_DICTIONARY" not in e for e in encodings.values()), encodings
+    assert all(rg.column(i).compression == "ZSTD" for i in range(rg.num_columns))
