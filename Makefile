@@ -60,7 +60,7 @@ train-student: setup
 	$(BIN)/logitcache train-student --cache $(CACHE) --student $(STUDENT) --output $(OUT) $(ARGS)
 
 demo: setup
-	$(BIN)/python -m logitcache.train.demo --work $(WORK)
+	$(BIN)/python benchmarks/demo.py --work $(WORK)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

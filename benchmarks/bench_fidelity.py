@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ensure_teacher, markdown_table, out_dir  # noqa: E402
+from _common import ensure_teacher, markdown_table, out_dir
 
 BASELINE_OPTIONS: dict[str, Any] = {"compression": "zstd"}  # pyarrow defaults otherwise: dictionary on, no BSS
 
@@ -165,22 +165,32 @@ def main() -> None:
             exact = None
             for name, codec, options, no_tail in variants:
                 t0 = time.perf_counter()
-                bpt, decoded = write_variant(
-                    Path(tmp) / f"k{k}-{len(rows)}", data["windows"], logp, k, codec, options
-                )
+                bpt, decoded = write_variant(Path(tmp) / f"k{k}-{len(rows)}", data["windows"], logp, k, codec, options)
                 err, grad = signal_error(student, logp, decoded, no_tail, exact)
                 if exact is None:
                     exact = grad  # the f32 row comes first: the codecs' own error is measured against it
                 rows.append({"k": k, "variant": name, "bytes_per_token": bpt, **err})
-                print(f"k={k:<4d} {name:40s} {bpt:7.1f} B/token  loss err {err['loss_rel_err']:.2e}  "
-                      f"grad err {err['grad_rel_err']:.2e}  codec {err.get('codec_grad_rel_err', 0):.1e}  ({time.perf_counter() - t0:.1f}s)")
+                print(
+                    f"k={k:<4d} {name:40s} {bpt:7.1f} B/token  loss err {err['loss_rel_err']:.2e}  "
+                    f"grad err {err['grad_rel_err']:.2e}  codec {err.get('codec_grad_rel_err', 0):.1e}  ({time.perf_counter() - t0:.1f}s)"
+                )
     out = out_dir("fidelity")
-    (out / "fidelity.json").write_text(json.dumps({"positions": int(logp.shape[0]), "vocab": data["vocab"],
-                                                   "rows": rows}, indent=2))
+    (out / "fidelity.json").write_text(
+        json.dumps({"positions": int(logp.shape[0]), "vocab": data["vocab"], "rows": rows}, indent=2)
+    )
     table = markdown_table(
         ["k", "variant", "bytes/token", "KD loss rel. error", "KD grad rel. error", "grad error from the codec alone"],
-        [[r["k"], r["variant"], f"{r['bytes_per_token']:.1f}", f"{r['loss_rel_err']:.2e}",
-          f"{r['grad_rel_err']:.2e}", f"{r.get('codec_grad_rel_err', 0.0):.1e}"] for r in rows],
+        [
+            [
+                r["k"],
+                r["variant"],
+                f"{r['bytes_per_token']:.1f}",
+                f"{r['loss_rel_err']:.2e}",
+                f"{r['grad_rel_err']:.2e}",
+                f"{r.get('codec_grad_rel_err', 0.0):.1e}",
+            ]
+            for r in rows
+        ],
     )
     (out / "fidelity.md").write_text(table + "\n")
     print(table)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, out_dir  # noqa: E402
+from _common import markdown_table, out_dir
 
 
 def _rss_bytes() -> int:
@@ -176,32 +176,57 @@ def main() -> None:
     quick = args.quick
     work = out_dir("train-quick" if quick else "train")
     vocab, seq_len = (512, 32) if quick else (32768, 256)
-    step_cache = write_cache(work / f"step-v{vocab}", vocab=vocab, k=64, num_sequences=16 if quick else 64, seq_len=seq_len)
+    step_cache = write_cache(
+        work / f"step-v{vocab}", vocab=vocab, k=64, num_sequences=16 if quick else 64, seq_len=seq_len
+    )
     load_cache = write_cache(
         work / "loader-k64", vocab=32768 if not quick else 512, k=64, num_sequences=64 if quick else 2000, seq_len=256
     )
-    spec = {"cache": str(step_cache), "preset": "tiny-llama" if quick else "small-llama", "batch": 2 if quick else 8,
-            "steps": 3 if quick else 8, "chunk": 512}
+    spec = {
+        "cache": str(step_cache),
+        "preset": "tiny-llama" if quick else "small-llama",
+        "batch": 2 if quick else 8,
+        "steps": 3 if quick else 8,
+        "chunk": 512,
+    }
     results = {}
     for variant in ("ce_hf", "kd_cache"):
         out = subprocess.run(
             [sys.executable, __file__, "--_variant", variant, "--_args", json.dumps(spec)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     loader = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
     ce, kd = results["ce_hf"], results["kd_cache"]
     report = {
-        "student": spec["preset"], "vocab": vocab, "seq_len": seq_len, "batch_sequences": spec["batch"],
-        "kd_chunk_positions": spec["chunk"], "ce_hf": ce, "kd_cache": kd,
+        "student": spec["preset"],
+        "vocab": vocab,
+        "seq_len": seq_len,
+        "batch_sequences": spec["batch"],
+        "kd_chunk_positions": spec["chunk"],
+        "ce_hf": ce,
+        "kd_cache": kd,
         "step_time_ratio": kd["median_step_s"] / ce["median_step_s"],
         "peak_mem_ratio": kd["peak_mem_bytes"] / max(ce["peak_mem_bytes"], 1),
         "loader_k64": loader,
     }
     rows = [
-        ["CE-only (HF labels)", f"{ce['median_step_s'] * 1000:.1f}", f"{ce['peak_mem_bytes'] / 2**20:.1f}", "1.00", "1.00"],
-        ["KD from cache (k=64)", f"{kd['median_step_s'] * 1000:.1f}", f"{kd['peak_mem_bytes'] / 2**20:.1f}",
-         f"{report['step_time_ratio']:.2f}", f"{report['peak_mem_ratio']:.2f}"],
+        [
+            "CE-only (HF labels)",
+            f"{ce['median_step_s'] * 1000:.1f}",
+            f"{ce['peak_mem_bytes'] / 2**20:.1f}",
+            "1.00",
+            "1.00",
+        ],
+        [
+            "KD from cache (k=64)",
+            f"{kd['median_step_s'] * 1000:.1f}",
+            f"{kd['peak_mem_bytes'] / 2**20:.1f}",
+            f"{report['step_time_ratio']:.2f}",
+            f"{report['peak_mem_ratio']:.2f}",
+        ],
     ]
     print(markdown_table(["step", "median ms", "peak MiB (growth)", "time ratio", "memory ratio"], rows))
     print(

@@ -141,7 +141,7 @@ class CacheReader:
 
     def units(self) -> list[tuple[int, int, int]]:
         """(shard_index, row_group_index, num_sequences) for every row group: the unit of streaming."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         for i in range(len(self.shards)):
             meta = self.parquet_file(i).metadata
             out.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))

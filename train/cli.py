@@ -68,6 +68,8 @@ def train_student(config_file: str | None, **flags: Any) -> None:
     from logitcache.train.loop import train
     from logitcache.train.student import StudentError
 
+    _quiet_hf()
+
     try:
         last = train(cfg)
     except (ConfigError, StudentError, CacheFormatError) as e:
@@ -77,6 +79,13 @@ def train_student(config_file: str | None, **flags: Any) -> None:
             f"done: step {last['step']}  loss {last['loss']:.4f} (KD {last['kd_loss']:.4f}, CE {last['ce_loss']:.4f})"
             f"  -> {Path(cfg.output) / 'final'}"
         )
+
+
+def _quiet_hf() -> None:
+    """transformers' per-file load/save bars would interleave with the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _student_dir(student: str) -> tuple[str, dict[str, Any]]:
@@ -103,7 +112,8 @@ def _student_dir(student: str) -> tuple[str, dict[str, Any]]:
     "--eval-fraction",
     type=float,
     default=None,
-    help="Held-out share of sequence ids; default: the run's own, else 0.05.",
+    help="Held-out share of sequence ids; default: the run's own, else 0.05. Use 1 for a cache never trained on "
+    "(e.g. captured from held-out files).",
 )
 @click.option(
     "--max-sequences", type=int, default=0, show_default=True, help="Evaluate at most N held-out sequences (0: all)."
@@ -130,12 +140,14 @@ def eval_cmd(
         raise click.UsageError(str(e)) from None
     model_dir, run = _student_dir(student)
     fraction = eval_fraction if eval_fraction is not None else float(run.get("eval_fraction", 0.05))
-    if not 0 < fraction < 1:
-        raise click.UsageError(f"`--eval-fraction` must be in (0, 1), got {fraction}")
+    if not 0 < fraction <= 1:
+        raise click.UsageError(f"`--eval-fraction` must be in (0, 1], got {fraction}")
 
     from logitcache.storage import CacheFormatError, CacheReader
     from logitcache.train.evaluate import EVAL_FIELDS, evaluate
     from logitcache.train.student import DistillModel, StudentError, build_student
+
+    _quiet_hf()
 
     try:
         reader = CacheReader(cache)

@@ -63,7 +63,7 @@ def plan_parts(units: list[tuple[int, int, int]], min_parts: int) -> list[tuple[
     if not nonempty:
         return []
     splits = max(1, math.ceil(min_parts / len(nonempty)))
-    out = []
+    out: list[tuple[int, int, int, int]] = []
     for shard, group, rows in nonempty:
         n = min(splits, rows)
         out.extend((shard, group, p, n) for p in range(n))

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,8 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             # biases and norm gains (1-D) are not decayed: shrinking them only hurts
@@ -141,16 +143,23 @@ def _wrap(dm: DistillModel, cfg: TrainConfig, env: DistEnv) -> nn.Module:
     return dm
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) a student run as configured; returns the final metrics (rank 0; {} elsewhere)."""
+BatchHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def train(cfg: TrainConfig, batch_hook: BatchHook | None = None) -> dict[str, Any]:
+    """Runs (or resumes) a student run as configured; returns the final metrics (rank 0; {} elsewhere).
+
+    batch_hook: called on every training batch (on the device) before the loss; it may replace the teacher
+    arrays, e.g. the benchmarks' live-teacher row puts the resident teacher's full distribution there.
+    """
     env = init_distributed()
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, batch_hook)
     finally:
         shutdown()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.output)
     reader = CacheReader(cfg.cache)
     if cfg.top_k_used is not None and cfg.top_k_used > reader.top_k:
@@ -205,7 +214,12 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
     sched = _scheduler(opt, cfg, total)
 
+    import warnings
+
     from torchdata.stateful_dataloader import StatefulDataLoader
+
+    # torchdata 0.11 calls a deprecated torch API on every loader start; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
 
     stream = CacheStream(
         cfg.cache,
@@ -242,7 +256,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             log.warning("resuming %s from %s (step %d of %d)", run_dir, ckpt, start, total)
     metrics = _Metrics(run_dir / METRICS_NAME, env.is_main, start if state is not None else None)
     amp = _autocast_dtype(cfg, env.device)
-    evaluate_kwargs = {
+    evaluate_kwargs: dict[str, Any] = {
         "eval_fraction": cfg.eval_fraction,
         "batch_count": cfg.batch_count,
         "batch_unit": cfg.batch_unit,
@@ -274,6 +288,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         model.train()
         for i, b in enumerate(micro):
             b = _to_device(b, env.device)
+            if batch_hook is not None:
+                b = batch_hook(b)
             sync = (i == len(micro) - 1) or env.world_size == 1 or cfg.fsdp
             ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
             with ctx, torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -362,8 +378,9 @@ def _full_states(
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(dm, options=options)
-    weights = {k.removeprefix("model."): v for k, v in full.items()}
-    return weights, get_optimizer_state_dict(dm, opt, options=options) if opt is not None else None
+    weights: dict[str, Any] = {k.removeprefix("model."): v for k, v in full.items()}
+    opt_state: Any = get_optimizer_state_dict(dm, opt, options=options) if opt is not None else None
+    return weights, opt_state
 
 
 def _plot(run_dir: Path) -> None:

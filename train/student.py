@@ -61,7 +61,7 @@ class StudentError(ValueError):
 
 @dataclass
 class Student:
-    model: nn.Module  # a transformers PreTrainedModel (causal LM), float32 weights
+    model: Any  # a transformers PreTrainedModel (causal LM), float32 weights
     tokenizer: Any  # a transformers PreTrainedTokenizerFast matching the cache
     kind: str  # "preset" | "config" | "pretrained"
     vocab_size: int  # the tokenizer's vocabulary: logits beyond it (padding rows) are ignored
@@ -223,7 +223,7 @@ class DistillModel(nn.Module):
 
     def __init__(self, model: nn.Module, vocab_size: int, loss: dict[str, Any]) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers PreTrainedModel
         self.vocab_size = vocab_size
         self.loss = dict(loss)  # keyword arguments of chunked_distillation_loss (loss, beta, temperature, ...)
         cfg = model.config

@@ -18,8 +18,14 @@ def test_all_errors_are_reported_at_once_with_flag_names() -> None:
     with pytest.raises(ConfigError) as e:
         TrainConfig(**BASE, loss="jsd", alpha=1.5, temperature=0, steps=3, epochs=1, batch_size="many", seed=-1)
     msg = str(e.value)
-    for needle in ("`--loss jsd` without `--beta` in (0, 1)", "`--alpha`", "`--temperature`", "`--steps` and `--epochs`",
-                   "`--batch-size many`", "`--seed`"):
+    for needle in (
+        "`--loss jsd` without `--beta` in (0, 1)",
+        "`--alpha`",
+        "`--temperature`",
+        "`--steps` and `--epochs`",
+        "`--batch-size many`",
+        "`--seed`",
+    ):
         assert needle in msg
 
 

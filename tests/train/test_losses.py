@@ -166,7 +166,9 @@ def test_chunked_equals_unchunked_values_and_gradients(loss: str) -> None:
     full.total.backward()
     for chunk in (1, 8, 64):
         h2, w2 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-        part = chunked_distillation_loss(h2, lambda h, w=w2: h @ w.T, ids, lp, tail, targets, chunk_size=chunk, **kwargs)
+        part = chunked_distillation_loss(
+            h2, lambda h, w=w2: h @ w.T, ids, lp, tail, targets, chunk_size=chunk, **kwargs
+        )
         part.total.backward()
         torch.testing.assert_close(part.total, full.total.float(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(part.kd_sum, full.kd_sum.float(), rtol=1e-6, atol=1e-6)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from logitcache.storage import CacheReader
-from logitcache.train.loop import train
 from logitcache.train.config import TrainConfig
+from logitcache.train.loop import train
 from logitcache.train.student import StudentError, build_student
 
 from .conftest import make_tokenizer_dir, write_synthetic_cache
@@ -18,8 +18,15 @@ from .conftest import make_tokenizer_dir, write_synthetic_cache
 def _pretrained(path: Path, vocab: int, tokenizer_prefix: str | None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     if tokenizer_prefix is not None:
         make_tokenizer_dir(path, 96, prefix=tokenizer_prefix)
@@ -44,8 +51,18 @@ def test_padded_vocab_sizes_of_the_same_tokenizer_are_aligned(padded_cache: Path
     built = build_student(str(student), reader)
     assert built.vocab_size == 96
     out = tmp_path / "run"
-    last = train(TrainConfig(cache=str(padded_cache), student=str(student), output=str(out), steps=3,
-                             eval_fraction=0.2, progress=False, num_workers=0, save_every=0))
+    last = train(
+        TrainConfig(
+            cache=str(padded_cache),
+            student=str(student),
+            output=str(out),
+            steps=3,
+            eval_fraction=0.2,
+            progress=False,
+            num_workers=0,
+            save_every=0,
+        )
+    )
     assert torch.isfinite(torch.tensor(last["loss"]))
     preset = build_student("tiny-llama", reader)  # from scratch: the cache's padded size
     assert preset.model.get_output_embeddings().weight.shape[0] == 128

@@ -35,8 +35,17 @@ def test_kd_lowers_kl_and_ends_closer_to_the_teacher_than_ce_only(tiny_cache_dir
     reader = CacheReader(tiny_cache_dir)
     fresh = build_student("tiny-llama", reader, seed=0)
     before = evaluate(DistillModel(fresh.model, fresh.vocab_size, {}), str(tiny_cache_dir), eval_fraction=EVAL_FRACTION)
-    common = {"cache": str(tiny_cache_dir), "student": "tiny-llama", "steps": 60, "lr": 3e-3, "eval_fraction": EVAL_FRACTION,
-              "progress": False, "save_every": 0, "num_workers": 0, "batch_size": "4"}
+    common = {
+        "cache": str(tiny_cache_dir),
+        "student": "tiny-llama",
+        "steps": 60,
+        "lr": 3e-3,
+        "eval_fraction": EVAL_FRACTION,
+        "progress": False,
+        "save_every": 0,
+        "num_workers": 0,
+        "batch_size": "4",
+    }
     train(TrainConfig(output=str(tmp_path / "kd"), alpha=1.0, **common))
     train(TrainConfig(output=str(tmp_path / "ce"), alpha=0.0, **common))
 
@@ -53,8 +62,23 @@ def test_kd_lowers_kl_and_ends_closer_to_the_teacher_than_ce_only(tiny_cache_dir
 
 
 def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(tiny_cache_dir: Path, tmp_path: Path) -> None:
-    args = ["--cache", str(tiny_cache_dir), "--student", "tiny-llama", "--steps", "100", "--save-every", "20",
-            "--eval-fraction", str(EVAL_FRACTION), "--batch-size", "96tok", "--grad-accum", "2", "--no-progress"]
+    args = [
+        "--cache",
+        str(tiny_cache_dir),
+        "--student",
+        "tiny-llama",
+        "--steps",
+        "100",
+        "--save-every",
+        "20",
+        "--eval-fraction",
+        str(EVAL_FRACTION),
+        "--batch-size",
+        "96tok",
+        "--grad-accum",
+        "2",
+        "--no-progress",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_cli(*args, "--output", str(full)), check=True, capture_output=True)
 
@@ -81,8 +105,12 @@ def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(tiny_cache_dir:
     res = subprocess.run(_cli(*args, "--output", str(cut), "--resume", "--loss", "tvd"), capture_output=True, text=True)
     assert res.returncode != 0 and "--loss 'forward_kl' -> 'tvd'" in res.stderr
 
-    out = subprocess.run([str(BIN / "logitcache"), "eval", "--cache", str(tiny_cache_dir), "--student", str(full),
-                          "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(BIN / "logitcache"), "eval", "--cache", str(tiny_cache_dir), "--student", str(full), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     figures = json.loads(out.stdout)
     assert figures["eval_fraction"] == EVAL_FRACTION and figures["positions"] > 0
     assert figures["kl"] >= 0 and 0 <= figures["top1_agreement"] <= 1
@@ -91,9 +119,32 @@ def test_killed_run_resumes_with_the_uninterrupted_loss_sequence(tiny_cache_dir:
 
 def test_two_process_gloo_run(tiny_cache_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
-           *_cli("--cache", str(tiny_cache_dir), "--student", "tiny-llama", "--output", str(run), "--steps", "6",
-                 "--eval-fraction", str(EVAL_FRACTION), "--batch-size", "2", "--no-progress", "--num-workers", "0")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        *_cli(
+            "--cache",
+            str(tiny_cache_dir),
+            "--student",
+            "tiny-llama",
+            "--output",
+            str(run),
+            "--steps",
+            "6",
+            "--eval-fraction",
+            str(EVAL_FRACTION),
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--num-workers",
+            "0",
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
