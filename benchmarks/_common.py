@@ -25,8 +25,8 @@ def bench_spec(quick: bool) -> Any:
 
     if quick:
         return DemoSpec.quick()
-    # The strongest teacher this recipe gets in ~10 minutes on 2 cores; built once and reused (demo.json marker).
-    return replace(DemoSpec(), steps=3000, max_train_seconds=600.0, train_rows=600, heldout_rows=120)
+    # The strongest teacher this recipe gets in ~20 minutes on 2 cores; built once and reused (demo.json marker).
+    return replace(DemoSpec(), steps=5000, max_train_seconds=1200.0, train_rows=600, heldout_rows=120)
 
 
 def ensure_teacher(quick: bool) -> Path:

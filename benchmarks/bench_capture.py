@@ -132,6 +132,27 @@ def run_model(model: Path, windows: list[Any], ks: list[int], reps: int) -> dict
         engine.close()
 
 
+def engine_floor_us_per_token(vocab: int, k: int, positions: int = 4096) -> float:
+    """The work any capture path does per position on this CPU: log-softmax, top-k, target gather, rank count.
+
+    These are the ops vLLM's sampler runs for prompt log-probs (float32, [positions, vocab] logits), timed with
+    torch alone, so the part of the measured overhead that no transfer path can remove is visible.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(positions, vocab, generator=gen)
+    target = torch.randint(0, vocab, (positions, 1), generator=gen)
+
+    def ops() -> None:
+        logp = torch.log_softmax(logits, dim=-1)
+        logp.topk(k, dim=-1)
+        t = logp.gather(-1, target)
+        (logp > t).sum(-1)
+
+    return 1e6 * timed(ops, 3) / positions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, k=8, one rep: only checks that it runs")
@@ -149,6 +170,11 @@ def main() -> None:
         results["big_params"] = n_params(big)
         results["big"] = run_model(big, prompts(8, 128, 0), [8, 64, 128], reps=2)
         results["tiny"] = run_model(tiny, prompts(64, 256, 1), [128], reps=3)
+        import torch
+
+        # vLLM's CPU worker runs one torch thread (it says so at start-up); time the floor the same way.
+        torch.set_num_threads(1)
+        results["engine_floor_us_per_token_k128"] = engine_floor_us_per_token(VOCAB, 128)
 
     rows = []
     for name, res in results.items():
@@ -182,6 +208,9 @@ def main() -> None:
         "our decode us/tok",
     ]
     print(markdown_table(header, rows))
+    if "engine_floor_us_per_token_k128" in results:
+        floor = results["engine_floor_us_per_token_k128"]
+        print(f"engine-side floor (log-softmax + top-128 + rank, V={VOCAB}, 1 thread): {floor:.1f} us/token")
     if "big_params" in results:
         print(f"\nbig model: {results['big_params'] / 1e6:.1f}M parameters, vocab {VOCAB}")
     results["loadavg_end"] = os.getloadavg()[0]
