@@ -17,6 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import BENCH_OUT  # noqa: E402
+
 BENCHES = {
     "codec": ["bench_codec.py", "--json", "{out}/codec.json"],
     "capture": ["bench_capture.py"],

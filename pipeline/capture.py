@@ -44,7 +44,7 @@ class BatchProgress:
     rows_total: int
     sequences: int
     tokens: int
-    seconds: float
+    seconds: float  # engine + shard-write time of the batches so far (engine start-up excluded)
 
     @property
     def tokens_per_second(self) -> float:
@@ -95,7 +95,8 @@ def build_header(
             "pipeline_parallel_size": cfg.pipeline_parallel_size,
         },
         "tokenizer": {
-            "name": teacher.name,
+            # where to load it from (a local teacher's absolute path; the cache also keeps a copy in tokenizer/)
+            "name": str(Path(teacher.path).resolve()) if Path(teacher.path).is_dir() else teacher.name,
             "fingerprint": tokenizer_fingerprint(tok.backend_tokenizer.to_str()),
             "vocab_size": teacher.vocab_size,
             "padded_vocab_size": teacher.padded_vocab_size,
@@ -161,6 +162,7 @@ def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> 
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         engine_args=cfg.engine_args,
+        logprobs_path=cfg.vllm_logprobs_path,
     )
 
 
@@ -207,6 +209,9 @@ def run_capture(
     data = load_rows(cfg.dataset, cfg.split, cfg.limit)
     header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend))
     state = open_capture(cache_dir, header)
+    if not (cache_dir / "tokenizer").exists():
+        # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout
+        teacher.tokenizer.save_pretrained(cache_dir / "tokenizer")
     if state.finished:
         logger.info("%s is already a finished cache (manifest.json exists): nothing to do", cache_dir)
         return CaptureResult("already_finished", cache_dir, {}, json.loads((cache_dir / "manifest.json").read_text()))
@@ -253,7 +258,6 @@ def run_capture(
     )
     (cache_dir / LOGS_DIR).mkdir(exist_ok=True)
     log_path = cache_dir / LOGS_DIR / f"capture-{prefix}.jsonl"
-    backend: TeacherBackend | None = None
     start = time.monotonic()
     progress = BatchProgress(0, rows_total, 0, 0, 0.0)
     with log_path.open("a", encoding="utf-8") as log_file:
@@ -270,7 +274,7 @@ def run_capture(
             tokens = sum(len(w.input_ids) for w in batch)
             progress.sequences += len(batch)
             progress.tokens += tokens
-            progress.seconds = time.monotonic() - start
+            progress.seconds += dt  # engine time only: start-up is not throughput
             record = {
                 "time": time.time(),
                 "replica": cfg.replica,
@@ -315,7 +319,8 @@ def run_capture(
         "captured_sequences": progress.sequences,
         "captured_tokens": progress.tokens,
         "seconds": round(elapsed, 2),
-        "tokens_per_second": round(progress.tokens / elapsed, 1) if elapsed > 0 else None,
+        "engine_seconds": round(progress.seconds, 2),
+        "tokens_per_second": round(progress.tokens_per_second, 1),
         "host": os.uname().nodename,
     }
     write_replica_summary(cache_dir, replica=cfg.replica, num_replicas=cfg.num_replicas, summary=replica_summary)

@@ -64,6 +64,11 @@ def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
 @click.option(
     "--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE", help="Extra vLLM LLM(...) argument (repeatable)."
 )
+@click.option(
+    "--vllm-logprobs-path",
+    type=click.Choice(("flat", "raw")),
+    help="vLLM log-prob transfer: flat lists, or raw arrays (tested vLLM versions) [default: flat].",
+)
 @click.option("--strict/--no-strict", default=None, help="Fail on a bad row instead of counting it as skipped.")
 @click.option("--shard-size-bytes", type=int, help="Target shard size [default: storage's].")
 @click.option("--revision", help="Teacher revision (hub models).")
@@ -134,7 +139,9 @@ def demo_teacher(output: str, steps: int | None, max_seconds: float | None, quic
 
     logging.getLogger("logitcache.pipeline.demo_teacher").setLevel(logging.INFO)
     spec = DemoSpec.quick() if quick else DemoSpec()
-    overrides = {k: v for k, v in {"steps": steps, "max_train_seconds": max_seconds}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"steps": steps, "max_train_seconds": max_seconds}.items() if v is not None
+    }
     spec = dataclasses.replace(spec, **overrides)
     out = build_demo(Path(output), spec, force=force)
     click.echo(f"demo teacher: {out / 'teacher'}; data: {out / 'data'}", err=True)

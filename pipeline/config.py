@@ -62,6 +62,9 @@ class CaptureConfig:
     """hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."""
     gpu_memory_utilization: float | None = None
     """vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."""
+    vllm_logprobs_path: str = "flat"
+    """How vLLM's prompt log-probs reach the cache: `flat` (vLLM's `flat_logprobs` lists, any version) or `raw`
+    (the engine's arrays passed through the frontend untouched; a patch applied only on tested vLLM versions)."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     """Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be)."""
     strict: bool = False
@@ -99,6 +102,8 @@ class CaptureConfig:
             errors.append(f"`--batch-size` must be >= 1 (got {self.batch_size})")
         if not 0 <= self.replica < max(self.num_replicas, 1):
             errors.append(f"`--replica` must be in [0, --num-replicas={self.num_replicas}) (got {self.replica})")
+        if self.vllm_logprobs_path not in ("flat", "raw"):
+            errors.append(f"`--vllm-logprobs-path` must be flat or raw (got {self.vllm_logprobs_path!r})")
         if self.dtype not in DTYPES:
             errors.append(f"`--dtype` must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 # What makes two captures "the same cache": a rerun must agree on all of these, except the keys below.
 IDENTITY_SECTIONS = ("teacher", "tokenizer", "capture", "dataset", "num_replicas")
-_IDENTITY_IGNORED = {"teacher.engine_version"}
+# engine_version: a patch release may rerun a capture; tokenizer.name: a moved tokenizer directory is the same
+# tokenizer (its fingerprint says so).
+_IDENTITY_IGNORED = {"teacher.engine_version", "tokenizer.name"}
 
 
 def logitcache_version() -> str:
@@ -104,15 +106,26 @@ def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureSta
                 "Use another --output directory, or delete this one to recapture."
             )
         return CaptureState(root, existing, (root / MANIFEST_NAME).exists())
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and not root.is_dir():
+        raise CacheFormatError(f"{root} is a file, not a cache directory; choose a new --output directory")
+    # Entries another replica may have made while creating this same cache a moment ago (capture.json comes
+    # first, but its temporary file, and subfolders of an older logitcache, can be seen before the rename).
+    in_creation = {SHARDS_DIR, REPLICAS_DIR}
+    foreign = sorted(
+        p.name
+        for p in (root.iterdir() if root.exists() else ())
+        if p.name not in in_creation and not p.name.startswith(f".{CAPTURE_NAME}")
+    )
+    if foreign:
         raise CacheFormatError(
-            f"{root} exists and is not a logitcache cache (no {CAPTURE_NAME}); "
+            f"{root} exists and is not a logitcache cache (no {CAPTURE_NAME}; it holds {', '.join(foreign[:3])}); "
             "choose an empty or new --output directory"
         )
-    (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    (root / REPLICAS_DIR).mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     header = {**header, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(capture_path, header)
+    atomic_write_json(capture_path, header)  # first: from now on the directory is recognisably a cache
+    (root / SHARDS_DIR).mkdir(exist_ok=True)
+    (root / REPLICAS_DIR).mkdir(exist_ok=True)
     return CaptureState(root, header, False)
 
 

@@ -64,16 +64,17 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _load_tokenizer(name: str | None) -> Any:
-    """A `tokenizers.Tokenizer` from a local HF tokenizer dir, or None (inspect then shows ids only)."""
-    if not name or not (Path(name) / "tokenizer.json").exists():
-        return None
-    try:
-        from tokenizers import Tokenizer
+def _load_tokenizer(cache_dir: str, name: str | None) -> Any:
+    """A `tokenizers.Tokenizer` from the cache's own copy or the recorded local dir, or None (ids only)."""
+    for folder in (Path(cache_dir) / "tokenizer", Path(name) if name else None):
+        if folder is not None and (folder / "tokenizer.json").exists():
+            try:
+                from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(Path(name) / "tokenizer.json"))
-    except Exception:  # the summary is still useful without token strings
-        return None
+                return Tokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception:  # the summary is still useful without token strings
+                return None
+    return None
 
 
 @click.command("inspect")
@@ -134,7 +135,7 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
     seq = batch.sequence(0)
     n_pos = seq.topk_ids.shape[0]
     t_pos = min(position if position is not None else n_pos // 2, n_pos - 1)
-    tokenizer = _load_tokenizer(tok.get("name"))
+    tokenizer = _load_tokenizer(cache_dir, tok.get("name"))
 
     def show(i: int) -> str:
         return repr(tokenizer.id_to_token(int(i))) if tokenizer is not None else str(int(i))

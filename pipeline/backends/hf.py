@@ -60,9 +60,10 @@ class HFBackend:
         self.top_k = top_k
         self.logits_chunk_size = logits_chunk_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
-        ).to(self.device)
+        )
+        self.model = model.to(self.device)
         self.model.eval()
         cfg = self.model.config
         # Architectures that post-process logits (Gemma's soft-capping, Cohere's scale); checked once on real data.
@@ -83,7 +84,10 @@ class HFBackend:
         import torch
 
         ids = torch.as_tensor(window.input_ids, dtype=torch.long, device=self.device)[None]
-        ref = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+        try:
+            ref = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+        except TypeError:  # architectures without `logits_to_keep`
+            ref = self.model(input_ids=ids).logits[0, -1].float()
         ours = self._logits(hidden[None]).float()[0]
         err = float((ref - ours).abs().max())
         if err > 1e-3 * max(1.0, float(ref.abs().max())):

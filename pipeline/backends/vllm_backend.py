@@ -82,12 +82,21 @@ class VLLMBackend:
         revision: str | None = None,
         trust_remote_code: bool = False,
         engine_args: dict[str, Any] | None = None,
+        logprobs_path: str = "flat",
     ) -> None:
         import vllm
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
         self.engine_version = f"vllm {vllm.__version__}"
         self.top_k = top_k
+        if logprobs_path not in ("flat", "raw"):
+            raise ValueError(f"`--vllm-logprobs-path` must be flat or raw (got {logprobs_path!r})")
+        if logprobs_path == "raw":
+            from logitcache.pipeline.backends import vllm_raw
+
+            if not vllm_raw.install():
+                logprobs_path = "flat"
+        self.logprobs_path = logprobs_path
         if gpu_memory_utilization is None:
             gpu_memory_utilization = CPU_MEMORY_UTILIZATION if _is_cpu() else GPU_MEMORY_UTILIZATION
         kwargs: dict[str, Any] = {
@@ -111,13 +120,27 @@ class VLLMBackend:
         engine_max = self.llm.llm_engine.model_config.max_logprobs
         if engine_max not in (-1, None) and engine_max < top_k:
             raise ValueError(f"`--top-k` {top_k} exceeds the engine's max_logprobs {engine_max}")
-        self.params = SamplingParams(
-            max_tokens=1, prompt_logprobs=top_k, flat_logprobs=True, detokenize=False, temperature=1.0
+        self.params = self._params(top_k)
+
+    def _params(self, k: int) -> Any:
+        from vllm import SamplingParams
+
+        from logitcache.pipeline.backends.vllm_raw import RAW_FLAG
+
+        extra = {RAW_FLAG: True} if self.logprobs_path == "raw" else None
+        return SamplingParams(
+            max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False, temperature=1.0, extra_args=extra
         )
 
-    def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
-        """All windows in one `generate` call (vLLM batches and schedules them); results in input order."""
+    def capture(self, windows: list[TokenWindow], top_k: int | None = None) -> list[CachedSequence]:
+        """All windows in one `generate` call (vLLM batches and schedules them); results in input order.
+
+        `top_k` (default: the engine's) may be lowered per call, e.g. to benchmark several k on one engine.
+        """
         from vllm.inputs import TokensPrompt
+
+        k = top_k or self.top_k
+        params = self.params if k == self.top_k else self._params(k)
 
         for w in windows:
             if len(w.input_ids) >= self.max_model_len:
@@ -126,10 +149,15 @@ class VLLMBackend:
                     f"{self.max_model_len} (one slot is for the generated token); lower --max-seq-len"
                 )
         prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         out = []
         for w, o in zip(windows, outputs):
-            ids, lps, target = decode_flat_prompt_logprobs(o.prompt_logprobs, w.input_ids, self.top_k)
+            if self.logprobs_path == "raw":
+                from logitcache.pipeline.backends.vllm_raw import decode_raw_prompt_logprobs
+
+                ids, lps, target = decode_raw_prompt_logprobs(o.prompt_logprobs, w.input_ids, k)
+            else:
+                ids, lps, target = decode_flat_prompt_logprobs(o.prompt_logprobs, w.input_ids, k)
             out.append(
                 CachedSequence(
                     sequence_id=w.sequence_id,

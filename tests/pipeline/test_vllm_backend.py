@@ -115,3 +115,30 @@ def test_sequence_at_engine_max_length_is_refused(vllm_engine: Any) -> None:
     window = TokenWindow(7, 0, np.arange(n, dtype=np.int32), np.ones(n, bool))
     with pytest.raises(ValueError, match=r"sequence 7 has 65 tokens, at or over the engine's max_model_len 65"):
         vllm_engine.capture([window])
+
+
+def test_raw_logprobs_path_equals_flat(vllm_engine: Any, windows: list[TokenWindow]) -> None:
+    """The tensor-passthrough path returns exactly what the flat path returns, on the same engine."""
+    from logitcache.pipeline.backends import vllm_raw
+
+    flat = vllm_engine.capture(windows)
+    assert vllm_raw.install()
+    vllm_engine.logprobs_path = "raw"
+    vllm_engine.params = vllm_engine._params(K)
+    try:
+        raw = vllm_engine.capture(windows)
+    finally:
+        vllm_engine.logprobs_path = "flat"
+        vllm_engine.params = vllm_engine._params(K)
+    for a, b in zip(flat, raw):
+        for name in ("topk_ids", "topk_logprobs", "target_logprobs", "tail_mass"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # Requests without the flag still get vLLM's own flat output after the patch.
+    assert (
+        type(
+            vllm_engine.llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm_engine.params, use_tqdm=False)[
+                0
+            ].prompt_logprobs
+        ).__name__
+        == "FlatLogprobs"
+    )
