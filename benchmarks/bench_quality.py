@@ -62,7 +62,18 @@ def capture(teacher: Path, dataset: Path, out: Path, max_seq_len: int) -> Path:
         max_seq_len=max_seq_len,
         progress=False,
     )
-    result = run_capture(cfg)  # a finished cache is reused: the rerun is a no-op
+    from logitcache.storage import CacheFormatError
+
+    try:
+        result = run_capture(cfg)  # a finished cache of the same teacher is reused: the rerun is a no-op
+    except CacheFormatError as e:
+        if "different settings" not in str(e):
+            raise
+        import shutil
+
+        print(f"{out} was captured from another teacher build: recapturing", flush=True)
+        shutil.rmtree(out)  # the benchmark's own output: safe to replace
+        result = run_capture(cfg)
     assert result.status in ("finished", "already_finished"), result
     return out
 
