@@ -17,6 +17,7 @@ CACHE ?= $(WORK)/cache
 STUDENT ?= tiny-llama
 OUT ?= $(WORK)/student
 ARGS ?=
+PYTEST_ARGS ?= -q
 
 .PHONY: setup test check cache-teacher train-student demo demo-teacher bench bench-quick clean
 
@@ -41,7 +42,7 @@ $(VENV)/.pkg: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: setup
 	$(BIN)/ruff check .
