@@ -24,9 +24,16 @@ are exactly those of softmax(z / T); only the tail's share differs from a full-v
 of the tempered buckets is 0 iff the untempered buckets agree, so the minimiser stays "match the teacher". The KD
 term is multiplied by T^2 (Hinton et al.) so its gradient scale does not shrink with T.
 
-`no_tail=True` is the baseline other projects use: the teacher head is renormalised (the tail dropped) and compared
-with the student's full-vocabulary log-softmax (of z / T) gathered at the head ids. It biases the student towards
-over-confidence and exists for comparisons.
+`no_tail=True` is the baseline other projects use: the teacher head is renormalised (the tail dropped). With
+`forward_kl` it is compared with the student's full-vocabulary log-softmax (of z / T) gathered at the head ids, as
+those projects do: sum_H p_i log q_i is minimised by q_i = p_i with all mass on the head. Every other loss needs two
+distributions on the same support (with an unnormalised Q, reverse KL's minimiser puts head mass 1/e), so there the
+student is renormalised over the head too. Either way the baseline biases the student towards over-confidence and
+exists for comparisons.
+
+Tail resolution. A stored teacher tail of 0 (or below float32's resolution of a sum near 1, `TAIL_FLOOR`) means "too
+small for the engine to resolve", never a hard zero: reverse KL, JSD and skew KL weigh log p_tail by the student's
+tail mass, and log(0) would make one position cost ~10^4 nats. Teacher tails are floored at `TAIL_FLOOR`.
 
 Memory: `chunked_distillation_loss` takes the student's last hidden states and the output head and materialises
 full-vocabulary logits for `chunk_size` positions at a time, recomputing them in backward (activation
@@ -45,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "LOSSES",
+    "TAIL_FLOOR",
     "LossParts",
     "bucket_logprobs",
     "divergence",
@@ -57,6 +65,9 @@ from logitcache.train.config import LOSSES
 
 # log-probs below this are treated as 0 probability; finite so that 0 * log(0) terms and their gradients stay 0.
 _LOG_FLOOR = -1e4
+# Smallest teacher tail mass the loss believes: float32's epsilon, the resolution of a float32 1 - sum(head) and the
+# order of the engines' own rounding; a stored 0 means "below resolution" (see the module docstring).
+TAIL_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
 @dataclass
@@ -76,13 +87,15 @@ def bucket_logprobs(
     tail_mass: torch.Tensor,
     temperature: float = 1.0,
     no_tail: bool = False,
+    renormalise_student: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs on the K+1 buckets (head tokens, then the tail), tempered.
 
     student_logits: float [N, V] (any float dtype; computed in float32); topk_ids: int [N, K], -1 = padding;
     topk_logprobs: float [N, K] teacher log-probs at T=1 (ignored where padded); tail_mass: float [N] in [0, 1].
     Returns (teacher_lp, student_lp, valid): float32 [N, K+1], float32 [N, K+1], bool [N, K+1]. Invalid buckets
-    (padding; the tail when `no_tail`) hold _LOG_FLOOR and must be given zero weight.
+    (padding; the tail when `no_tail`) hold _LOG_FLOOR and must be given zero weight. `renormalise_student` only
+    matters with `no_tail`: False keeps the student's full-vocabulary log-probs at the head ids (forward KL's baseline).
     """
     z = student_logits.float()
     valid_head = topk_ids >= 0
@@ -95,7 +108,10 @@ def bucket_logprobs(
     if no_tail:
         # Baseline: renormalised teacher head vs the student's full-vocabulary log-softmax at T, gathered.
         t_lp = torch.log_softmax(t_head / temperature, dim=-1)
-        s_lp = (z.gather(-1, ids) / temperature) - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
+        if renormalise_student:
+            s_lp = torch.log_softmax(torch.where(valid_head, z.gather(-1, ids), neg) / temperature, dim=-1)
+        else:
+            s_lp = (z.gather(-1, ids) / temperature) - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
         tail = torch.full_like(s_head[:, :1], _LOG_FLOOR)
         valid = torch.cat([valid_head, torch.zeros_like(valid_head[:, :1])], dim=-1)
         t_lp = torch.where(valid_head, t_lp, neg)
@@ -106,9 +122,11 @@ def bucket_logprobs(
     # scatter_add, not scatter: padded slots point at id 0 too, and must not unmask a real head token 0
     head_mask = torch.zeros_like(z, dtype=torch.int32).scatter_add_(-1, ids, valid_head.to(torch.int32)) > 0
     s_tail = torch.logsumexp(z.masked_fill(head_mask, _LOG_FLOOR), dim=-1, keepdim=True) - lse_all
-    t_tail = torch.log(tail_mass.float().clamp(min=0.0)).clamp(min=_LOG_FLOOR).unsqueeze(-1)
+    t_tail = torch.log(tail_mass.float().clamp(min=TAIL_FLOOR)).unsqueeze(-1)
     s_head = torch.where(valid_head, s_head, neg)
-    valid = torch.cat([valid_head, torch.ones_like(valid_head[:, :1])], dim=-1)
+    # The tail bucket exists only where some token lies outside the head (k = V leaves it empty on both sides).
+    has_tail = head_mask.sum(dim=-1, keepdim=True) < z.shape[-1]
+    valid = torch.cat([valid_head, has_tail], dim=-1)
     t_lp = torch.cat([t_head, t_tail], dim=-1)
     s_lp = torch.cat([s_head, s_tail.clamp(min=_LOG_FLOOR)], dim=-1)
     # Same map on both sides (see the module docstring); at T=1 this only renormalises the teacher's buckets,
@@ -166,7 +184,15 @@ def kd_loss_per_position(
     student_logits: float [N, V]; topk_ids: int [N, K] (-1 = padding); topk_logprobs: float [N, K] (T=1);
     tail_mass: float [N]. Returns float32 [N].
     """
-    t_lp, s_lp, valid = bucket_logprobs(student_logits, topk_ids, topk_logprobs, tail_mass, temperature, no_tail)
+    t_lp, s_lp, valid = bucket_logprobs(
+        student_logits,
+        topk_ids,
+        topk_logprobs,
+        tail_mass,
+        temperature,
+        no_tail,
+        renormalise_student=loss != "forward_kl",
+    )
     return divergence(t_lp, s_lp, valid, loss, beta)
 
 
@@ -248,7 +274,9 @@ def chunked_distillation_loss(
     def run(h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tgt: torch.Tensor):
         return _chunk_sums(head(h), ids, lps, tail, tgt, loss, beta, temperature, no_tail, alpha)
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # A batch without loss positions (a chat window with no assistant token) still gives a loss tied to the graph:
+    # its backward yields zero gradients, so DDP/FSDP ranks stay in step instead of one rank skipping a reduction.
+    total = (head(hidden[:0]).float().sum() * 0.0) if n == 0 else hidden.new_zeros((), dtype=torch.float32)
     kd = torch.zeros((), dtype=torch.float32, device=hidden.device)
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):

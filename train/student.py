@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from logitcache.storage import CacheReader, tokenizer_fingerprint
+from logitcache.storage import CacheReader, LMHeadTransform, tokenizer_fingerprint
 from logitcache.train.losses import chunked_distillation_loss, kd_loss_per_position
 
 __all__ = [
@@ -226,20 +226,13 @@ class DistillModel(nn.Module):
         self.model: Any = model  # a transformers PreTrainedModel
         self.vocab_size = vocab_size
         self.loss = dict(loss)  # keyword arguments of chunked_distillation_loss (loss, beta, temperature, ...)
-        cfg = model.config
-        self._softcap = getattr(cfg, "final_logit_softcapping", None)
-        self._scale = getattr(cfg, "logit_scale", None)
+        self.head_transform = LMHeadTransform.from_config(model.config)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[C, D] hidden states -> [C, vocab_size] logits (padded rows of the output embedding skipped)."""
         lm_head = self.model.get_output_embeddings()
         bias = lm_head.bias[: self.vocab_size] if getattr(lm_head, "bias", None) is not None else None
-        logits = nn.functional.linear(hidden, lm_head.weight[: self.vocab_size], bias)
-        if self._scale:
-            logits = logits * self._scale
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return self.head_transform.apply(nn.functional.linear(hidden, lm_head.weight[: self.vocab_size], bias))
 
     def hidden_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states [N, D] at `positions` (int64 [N] flat indices into input_ids' [B, L])."""

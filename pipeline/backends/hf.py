@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.pipeline.data import TokenWindow
-from logitcache.storage import CachedSequence
+from logitcache.storage import CachedSequence, LMHeadTransform
 
 logger = logging.getLogger(__name__)
 
@@ -66,18 +66,13 @@ class HFBackend:
         self.model = model.to(self.device)
         self.model.eval()
         cfg = self.model.config
-        # Architectures that post-process logits (Gemma's soft-capping, Cohere's scale); checked once on real data.
-        self._softcap = getattr(cfg, "final_logit_softcapping", None)
-        self._scale = getattr(cfg, "logit_scale", None)
+        # Architectures that post-process logits (Gemma's soft-capping, Cohere's and Granite's scales), as the
+        # trainer's student head does; checked once on real data against the model's own logits.
+        self._head_transform = LMHeadTransform.from_config(cfg)
         self._checked = False
 
     def _logits(self, hidden: Any) -> Any:
-        logits = self.model.get_output_embeddings()(hidden)
-        if self._scale is not None:
-            logits = logits * self._scale
-        if self._softcap is not None:
-            logits = (logits / self._softcap).tanh() * self._softcap
-        return logits
+        return self._head_transform.apply(self.model.get_output_embeddings()(hidden))
 
     def _check_head(self, window: TokenWindow, hidden: Any) -> None:
         """The decoder + LM head split must reproduce the model's own logits (else an unknown post-processing)."""

@@ -71,3 +71,27 @@ def test_tail_keeps_relative_precision_when_tiny() -> None:
     np.testing.assert_allclose(tail.double().numpy(), ref.numpy(), rtol=1e-4)
     # k = vocabulary: no tail at all.
     assert float(topk_with_tail(logits, 512, torch.zeros(64, dtype=torch.long))[3].abs().max()) == 0.0
+
+
+def test_granite_logits_scaling_is_reproduced(tmp_path: Path, windows: list[TokenWindow]) -> None:
+    # Granite divides its logits by `logits_scaling`; the backend's decoder + head split must do the same (one helper
+    # with the trainer's student head), not refuse the architecture.
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        logits_scaling=8.0,
+    )
+    torch.manual_seed(0)
+    GraniteForCausalLM(cfg).save_pretrained(tmp_path / "granite")
+    backend = HFBackend(str(tmp_path / "granite"), dtype="float32", top_k=K)
+    for w, s in zip(windows, backend.capture(windows)):
+        _, lps, target, tail = _reference(backend.model, w)
+        np.testing.assert_allclose(s.topk_logprobs, lps, atol=2e-5)
+        np.testing.assert_allclose(s.target_logprobs, target, atol=2e-5)
+        np.testing.assert_allclose(s.tail_mass, tail, atol=1e-6, rtol=1e-4)

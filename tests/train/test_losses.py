@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from logitcache.train.losses import (
     LOSSES,
+    TAIL_FLOOR,
     chunked_distillation_loss,
     distillation_loss,
     kd_loss_per_position,
@@ -186,3 +187,50 @@ def test_stable_tail_when_head_holds_almost_everything() -> None:
     log_q_tail = np.log(np.exp(z[1:]).sum()) - np.log(np.exp(z).sum())
     want = 0.9 * (math.log(0.9) - log_q[0]) + 0.1 * (math.log(0.1) - log_q_tail)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_kl", "forward_kl", "tvd"])
+def test_teacher_tail_of_zero_is_below_resolution_not_a_hard_zero(loss: str) -> None:
+    # A confident position captured with float32 log-probs: top-1 rounds to log p = 0 and the tail is stored as 0.
+    # The student still has real mass outside the head; the divergence must stay that of a tiny tail, not ~10^4 nats.
+    logits = torch.tensor([[2.0, 0.0, 0.0, 1.0, 0.5]])
+    ids, lps = torch.tensor([[0, 3]]), torch.tensor([[0.0, -17.0]])
+    beta = 0.5 if loss in ("jsd", "skew_kl") else None
+    zero = kd_loss_per_position(logits, ids, lps, torch.tensor([0.0]), loss=loss, beta=beta).item()
+    tiny = kd_loss_per_position(logits, ids, lps, torch.tensor([TAIL_FLOOR]), loss=loss, beta=beta).item()
+    assert math.isfinite(zero) and zero < 20.0
+    assert zero == pytest.approx(tiny, rel=1e-4, abs=1e-6)
+    student = logits.clone().requires_grad_(True)
+    kd_loss_per_position(student, ids, lps, torch.tensor([0.0]), loss=loss, beta=beta).sum().backward()
+    assert student.grad is not None and float(student.grad.abs().max()) < 20.0
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_kl", "tvd"])
+def test_no_tail_minimiser_is_the_renormalised_teacher_head(loss: str) -> None:
+    # The student's head is the teacher's (renormalised) head shape but holds only half of its mass: with the tail
+    # dropped, that is a minimiser (loss 0, zero gradient). Without renormalising the student, reverse KL's minimum
+    # would sit at head mass 1/e.
+    p_head = np.array([0.6, 0.3, 0.1])
+    q = np.array([*(0.5 * p_head), 0.25, 0.25])
+    logits = torch.from_numpy(np.log(q)).float()[None].requires_grad_(True)
+    ids = torch.tensor([[0, 1, 2]])
+    lps = torch.from_numpy(np.log(p_head * 0.8)).float()[None]  # the cached head at T=1, tail 0.2
+    beta = 0.5 if loss in ("jsd", "skew_kl") else None
+    got = kd_loss_per_position(logits, ids, lps, torch.tensor([0.2]), loss=loss, beta=beta, no_tail=True)
+    got.sum().backward()
+    assert got.item() == pytest.approx(0.0, abs=1e-6)
+    if loss != "tvd":  # TVD's |.| has no gradient at its minimum
+        assert logits.grad is not None and float(logits.grad.abs().max()) < 1e-5
+
+
+def test_chunk_without_loss_positions_backpropagates_zero() -> None:
+    # A micro-batch whose windows hold no loss position (e.g. a chat window with no assistant token).
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    empty_ids, empty_lps = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    parts = chunked_distillation_loss(
+        hidden, lambda h: h @ weight.T, empty_ids, empty_lps, torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    )
+    parts.total.backward()
+    assert parts.num_positions == 0 and float(parts.total) == 0.0
+    assert weight.grad is not None and float(weight.grad.abs().max()) == 0.0

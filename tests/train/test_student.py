@@ -72,3 +72,31 @@ def test_student_with_fewer_logits_than_tokens_is_refused(padded_cache: Path, tm
     student = _pretrained(tmp_path / "small", 64, tokenizer_prefix=None)
     with pytest.raises(StudentError, match="fewer than the cache's 96 tokens"):
         build_student(str(student), CacheReader(padded_cache))
+
+
+def test_student_head_applies_granite_logits_scaling(padded_cache: Path) -> None:
+    # Granite divides its logits by `logits_scaling`: the distillation head must produce the logits the saved
+    # student's own forward (and so its inference) produces, or it is trained on differently scaled logits.
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from logitcache.train.student import DistillModel
+
+    cfg = GraniteConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        logits_scaling=4.0,
+    )
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(cfg).eval()
+    dm = DistillModel(model, 96, {"loss": "forward_kl"})
+    ids = torch.randint(0, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(18)
+    with torch.no_grad():
+        ours = dm.head(dm.hidden_at(ids, mask, positions))
+        ref = model(input_ids=ids, attention_mask=mask).logits.reshape(18, -1)[:, :96]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
