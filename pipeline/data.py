@@ -2,6 +2,7 @@
 
 Every row of this replica's slice becomes one or more windows or is counted under a skip reason, so nothing
 vanishes. Windows carry `sequence_id = (row_index << 16) | window_index`, deterministic across reruns and replicas.
+A window with nothing to train (no loss position) is dropped and counted; its index is not reused.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "
 
 
 class BadRowError(ValueError):
-    """A row that cannot be captured, raised under `--strict` (otherwise counted as skipped)."""
+    """A row that cannot be captured, raised under `--strict` (otherwise counted as skipped).
+
+    `reason` is the skip-reason key in the manifest (`empty`, `no_loss_positions`, ...); `detail`, the message when
+    given, says what went wrong and what to do.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -40,7 +50,12 @@ class TokenWindow:
 
 @dataclass
 class DataSummary:
-    """Counts for one replica's slice; goes into its replica summary and from there the manifest."""
+    """Counts for one replica's slice; goes into its replica summary and from there the manifest.
+
+    `rows` = rows that gave sequences + sum(`skipped`): `skipped` counts ROWS (no sequence at all) per reason, the
+    manifest's `skipped_rows`. `skipped_windows` counts WINDOWS not stored per reason, those of a row skipped whole
+    included. `sequences`/`tokens`, `truncated_rows`/`split_rows` count what was stored.
+    """
 
     rows: int = 0
     sequences: int = 0
@@ -48,6 +63,7 @@ class DataSummary:
     truncated_rows: int = 0
     split_rows: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    skipped_windows: Counter[str] = field(default_factory=Counter)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +73,7 @@ class DataSummary:
             "truncated_rows": self.truncated_rows,
             "split_rows": self.split_rows,
             "skipped": dict(sorted(self.skipped.items())),
+            "skipped_windows": dict(sorted(self.skipped_windows.items())),
         }
 
 
@@ -144,7 +161,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndar
 
     Templates with `{% generation %}` markers use transformers' assistant mask; others are rendered turn by turn and
     each assistant reply's characters (after the generation prompt, through the end of the turn) are mapped to
-    tokens through the offsets, which needs a template whose rendering of a prefix is a prefix of the whole.
+    tokens through the offsets, which needs a template whose rendering of a prefix is a prefix of the whole: a
+    conversation rendered otherwise (a template that rewrites earlier turns) raises BadRowError.
     """
     template = tokenizer.chat_template or ""
     if "{% generation %}" in template or "{%- generation %}" in template:
@@ -160,9 +178,14 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndar
         head = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
         upto = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
         if not (text.startswith(upto) and upto.startswith(head)):
-            raise ValueError(
-                "the teacher's chat template does not render a conversation's prefix as a prefix of the whole, so "
-                "assistant tokens cannot be located; use a template with {% generation %} markers"
+            # Per row, not fatal: such templates (e.g. dropping <think> blocks from earlier assistant replies) only
+            # rewrite some conversations, and the others render fine.
+            raise BadRowError(
+                "chat_template_rewrites_turns",
+                f"the chat template rewrites earlier turns (the conversation rendered through message {j} is not a "
+                "prefix of the whole, e.g. a <think> block dropped from an earlier reply), so the assistant mask "
+                "cannot be derived by prefix rendering; use a teacher tokenizer whose chat template marks replies "
+                "with {% generation %} markers, or remove what the template rewrites from the row's earlier turns",
             )
         spans.append((len(head), len(upto)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -202,7 +225,9 @@ def iter_windows(
 ) -> Iterator[TokenWindow]:
     """Yield this replica's windows (rows with row_index % num_replicas == replica), counting skips in `summary`.
 
-    With `strict`, the first bad row raises BadRowError naming its index and the reason.
+    With `strict`, the first bad row raises BadRowError naming its index and the reason. Windows without a loss
+    position are dropped and counted in `summary.skipped_windows`, under --strict too (a long prompt's first windows
+    are normal); a row none of whose windows has one is a bad row (`no_loss_positions`).
     """
     column = messages_field or text_field
     if column not in rows.column_names:
@@ -218,34 +243,63 @@ def iter_windows(
             summary.rows += 1
             try:
                 ids, mask = _tokenize_row(value, tokenizer, chat=messages_field is not None)
+                windows = _row_windows(row_index, ids, mask, max_seq_len, overflow, summary)
             except BadRowError as e:
-                reason = str(e)
                 if strict:
+                    detail = f"; {e.detail}" if e.detail else ""
                     raise BadRowError(
-                        f"dataset row {row_index}: {reason} (field {column!r}); fix the row, or drop --strict to "
-                        "count such rows as skipped in the manifest"
+                        e.reason,
+                        f"dataset row {row_index}: {e.reason} (field {column!r}){detail}; fix the row, or drop "
+                        "--strict to count such rows as skipped in the manifest",
                     ) from None
-                summary.skipped[reason] += 1
+                summary.skipped[e.reason] += 1
                 continue
-            bounds = window_bounds(len(ids), max_seq_len, overflow)
-            if len(bounds) > MAX_WINDOWS:
-                raise ValueError(
-                    f"dataset row {row_index} needs {len(bounds)} windows of --max-seq-len {max_seq_len}, more "
-                    f"than the {MAX_WINDOWS} a sequence id can number; raise --max-seq-len or use --overflow truncate"
-                )
             if len(ids) > max_seq_len:
                 if overflow == "truncate":
                     summary.truncated_rows += 1
                 else:
                     summary.split_rows += 1
-            for w, (start, end) in enumerate(bounds):
+            for window in windows:
                 summary.sequences += 1
-                summary.tokens += end - start
-                yield TokenWindow((row_index << WINDOW_BITS) | w, row_index, ids[start:end], mask[start:end])
+                summary.tokens += len(window.input_ids)
+                yield window
+
+
+def _row_windows(
+    row_index: int, ids: np.ndarray, mask: np.ndarray, max_seq_len: int, overflow: str, summary: DataSummary
+) -> list[TokenWindow]:
+    """One row's windows that have a loss position; dropped ones are counted in `summary.skipped_windows`.
+
+    Raises BadRowError("no_loss_positions") when no window has one (the row then carries no training signal).
+    """
+    bounds = window_bounds(len(ids), max_seq_len, overflow)
+    if len(bounds) > MAX_WINDOWS:
+        raise ValueError(
+            f"dataset row {row_index} needs {len(bounds)} windows of --max-seq-len {max_seq_len}, more "
+            f"than the {MAX_WINDOWS} a sequence id can number; raise --max-seq-len or use --overflow truncate"
+        )
+    windows = []
+    for w, (start, end) in enumerate(bounds):
+        # Position t trains when loss_mask[t+1] (see train/data.py collate): a True at position 0 alone is a
+        # target of the previous window, not of this one. A micro-batch of such windows has no loss to backprop.
+        if not mask[start + 1 : end].any():
+            summary.skipped_windows["no_loss_positions"] += 1
+            continue
+        windows.append(TokenWindow((row_index << WINDOW_BITS) | w, row_index, ids[start:end], mask[start:end]))
+    if not windows:
+        if overflow == "truncate":
+            fix = f"the reply is cut off by --overflow truncate; raise --max-seq-len {max_seq_len} or use --overflow split"
+        else:
+            fix = "no token of the row is a training target; check the chat template's assistant mask on this row"
+        raise BadRowError(
+            "no_loss_positions",
+            f"none of its {len(bounds)} window(s) has a training target after its first token ({fix})",
+        )
+    return windows
 
 
 def _tokenize_row(value: Any, tokenizer: Any, chat: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One row's value -> (ids, mask); raises BadRowError(reason) for rows that are counted as skipped."""
+    """One row's value -> (ids, mask); raises BadRowError for rows that are counted as skipped."""
     if chat:
         reason = _check_messages(value)
         if reason:

@@ -96,7 +96,7 @@ def test_skip_reasons_counted_and_strict_names_row(tokenizer: Any, tmp_path: Pat
     assert [w.row_index for w in windows] == [0]
     assert dict(summary.skipped) == {"empty": 2, "missing_field": 1, "not_string": 1, "too_short": 1}
     assert summary.rows == len(rows)  # nothing vanishes: every row is a window or a counted skip
-    with pytest.raises(BadRowError, match=r"dataset row 1: empty \(field 'text'\)"):
+    with pytest.raises(BadRowError, match=r"^dataset row 1: empty \(field 'text'\)"):
         list(iter_windows(ds.rows, tokenizer, max_seq_len=64, strict=True))
     with pytest.raises(ValueError, match=r"no column 'body' \(--text-field\)"):
         list(iter_windows(ds.rows, tokenizer, max_seq_len=64, text_field="body"))
@@ -134,3 +134,109 @@ def test_replicas_take_disjoint_slices(tokenizer: Any, tmp_path: Path) -> None:
 def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def _has_loss_position(mask: np.ndarray) -> bool:
+    """Position t trains when loss_mask[t+1], so only positions 1..L-1 of the mask count."""
+    return bool(mask[1:].any())
+
+
+def test_windows_without_loss_positions_are_skipped_and_counted(tokenizer: Any, tmp_path: Path) -> None:
+    long_prompt = {"role": "user", "content": "Explain this code:\n" + "def f(x):\n    return x + 1\n" * 8}
+    chats = [
+        {"messages": [long_prompt, {"role": "assistant", "content": "It adds one."}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    ds = load_rows(str(_jsonl(tmp_path / "c.jsonl", chats)))
+    ids, mask = render_chat(tokenizer, chats[0]["messages"])
+    bounds = window_bounds(len(ids), 16, "split")
+    empty = [w for w, (s, e) in enumerate(bounds) if not _has_loss_position(mask[s:e])]
+    assert 0 < len(empty) < len(bounds)  # the long prompt's first windows hold no assistant token
+
+    summary = DataSummary()
+    kwargs: dict[str, Any] = {"messages_field": "messages", "max_seq_len": 16}
+    windows = list(iter_windows(ds.rows, tokenizer, summary=summary, **kwargs))
+    assert all(_has_loss_position(w.loss_mask) for w in windows)
+    # Kept windows keep their index within the row: sequence ids stay deterministic, the gaps are the dropped ones.
+    kept = [w for w in range(len(bounds)) if w not in empty]
+    assert [w.sequence_id for w in windows if w.row_index == 0] == kept
+    assert {w.row_index for w in windows} == {0, 1}
+    assert summary.skipped_windows == {"no_loss_positions": len(empty)} and not summary.skipped
+    assert summary.sequences == len(windows) and summary.tokens == sum(len(w.input_ids) for w in windows)
+    assert summary.to_dict()["skipped_windows"] == {"no_loss_positions": len(empty)}
+    # A long prompt is normal: --strict keeps the row's windows that train and does not fail.
+    strict = list(iter_windows(ds.rows, tokenizer, strict=True, **kwargs))
+    assert [w.sequence_id for w in strict] == [w.sequence_id for w in windows]
+
+    # Truncated to its prompt, row 0 has no window that trains: the row is skipped (and its window counted).
+    summary = DataSummary()
+    windows = list(iter_windows(ds.rows, tokenizer, overflow="truncate", summary=summary, **kwargs))
+    assert [w.row_index for w in windows] == [1]
+    assert summary.skipped == {"no_loss_positions": 1} and summary.skipped_windows == {"no_loss_positions": 1}
+    assert summary.rows == 2 and summary.truncated_rows == 0  # a skipped row is counted once, under its reason
+    with pytest.raises(BadRowError, match=r"^dataset row 0: no_loss_positions \(field 'messages'\).*--max-seq-len"):
+        list(iter_windows(ds.rows, tokenizer, overflow="truncate", strict=True, **kwargs))
+
+
+def test_window_whose_only_target_is_its_first_token_is_skipped(tokenizer: Any, tmp_path: Path) -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "thanks, that is all for today"},
+    ]
+    ds = load_rows(str(_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])))
+    ids, mask = render_chat(tokenizer, messages)
+    last = int(np.flatnonzero(mask)[-1])
+    # Window 1 starts on the reply's last token (the one-token overlap), so its only True is at position 0: that
+    # token is window 0's target, and window 1 has nothing to train.
+    summary = DataSummary()
+    windows = list(iter_windows(ds.rows, tokenizer, messages_field="messages", max_seq_len=last + 1, summary=summary))
+    bounds = window_bounds(len(ids), last + 1, "split")
+    assert bounds[1][0] == last and mask[last] and not mask[last + 1 :].any()
+    assert [w.sequence_id for w in windows] == [0]
+    assert summary.skipped_windows == {"no_loss_positions": len(bounds) - 1} and not summary.skipped
+
+
+# Like reasoning models' templates: earlier assistant turns lose their <think> block, the last one keeps it.
+_REWRITING_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{%- if message['role'] == 'assistant' and not loop.last and '</think>' in message['content'] -%}"
+    "{{ message['content'].split('</think>')[-1] }}<|end|>"
+    "{%- else -%}"
+    "{{ message['content'] }}<|end|>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+
+
+def test_template_that_rewrites_earlier_turns_skips_only_that_row(tokenizer: Any, tmp_path: Path) -> None:
+    rewriting = copy.deepcopy(tokenizer)
+    rewriting.chat_template = _REWRITING_TEMPLATE
+    chats = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>add</think>4"},
+                {"role": "user", "content": "3+3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        },
+        # One reasoning reply, the last turn: rendered the same alone and in full, so this row is fine.
+        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>x</think>2"}]},
+    ]
+    ds = load_rows(str(_jsonl(tmp_path / "c.jsonl", chats)))
+    with pytest.raises(BadRowError, match="rewrites earlier turns"):
+        render_chat(rewriting, chats[1]["messages"])
+    summary = DataSummary()
+    windows = list(iter_windows(ds.rows, rewriting, messages_field="messages", max_seq_len=64, summary=summary))
+    assert [w.row_index for w in windows] == [0, 2]
+    assert summary.skipped == {"chat_template_rewrites_turns": 1} and summary.rows == 3
+    with pytest.raises(
+        BadRowError,
+        match=r"^dataset row 1: chat_template_rewrites_turns \(field 'messages'\); the chat template rewrites",
+    ):
+        list(iter_windows(ds.rows, rewriting, messages_field="messages", max_seq_len=64, strict=True))
