@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CachedSequence", "DecodedBatch"]
+__all__ = ["WINDOW_BITS", "CachedSequence", "DecodedBatch", "document_id"]
+
+# sequence_id = (dataset_row << WINDOW_BITS) | window_index: the low bits number the windows of one document.
+WINDOW_BITS = 16
+
+
+def document_id(sequence_ids: np.ndarray) -> np.ndarray:
+    """int64 [B]: the dataset row (document) that each sequence id's window was cut from (`sequence_id >> 16`)."""
+    return np.asarray(sequence_ids, dtype=np.int64) >> WINDOW_BITS
 
 
 @dataclass

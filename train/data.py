@@ -12,8 +12,9 @@ exactly the batches an uninterrupted one would):
    (epoch, unit cursor, row cursor) after each yielded batch is the dataset's state_dict, which torchdata's
    StatefulDataLoader snapshots per worker and restores on resume.
 
-The held-out split is a hash of the sequence id (splitmix64), independent of the seed, so every run on a cache holds
-out the same sequences and evaluations are comparable across students.
+The held-out split is a hash of the document id (splitmix64 of `storage.document_id`), independent of the seed, so
+every run on a cache holds out the same sequences, evaluations are comparable across students, and no window of a
+held-out document is trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.storage import CachedSequence, CacheReader
+from logitcache.storage import CachedSequence, CacheReader, document_id
 
 __all__ = [
     "splitmix64",
@@ -51,8 +52,11 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def held_out_mask(sequence_ids: np.ndarray, eval_fraction: float) -> np.ndarray:
-    """bool [B]: which sequence ids belong to the held-out split (about `eval_fraction` of all ids)."""
-    u = (splitmix64(sequence_ids) >> _U64(11)).astype(np.float64) / float(1 << 53)
+    """bool [B]: which sequence ids belong to the held-out split (about `eval_fraction` of all documents).
+
+    The hash is of the document id, so the windows of one long document are all held out or all trained on.
+    """
+    u = (splitmix64(document_id(sequence_ids)) >> _U64(11)).astype(np.float64) / float(1 << 53)
     return u < eval_fraction
 
 

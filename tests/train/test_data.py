@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from logitcache.storage import CacheReader
+from logitcache.storage import WINDOW_BITS, CacheReader, document_id
 from logitcache.train.data import CacheStream, assigned_parts, collate, held_out_mask, plan_parts, splitmix64
 
 
@@ -20,6 +20,15 @@ def test_splitmix64_known_value_and_split_fraction() -> None:
     assert 0.09 < held.mean() < 0.11
     assert np.array_equal(held, held_out_mask(ids, 0.1))
     assert not held_out_mask(ids, 0.0).any()
+
+
+def test_windows_of_one_document_land_on_the_same_side_of_the_split() -> None:
+    docs = np.arange(20_000, dtype=np.int64)
+    ids = (docs[:, None] << WINDOW_BITS) | np.arange(6, dtype=np.int64)  # [D, 6]: six windows per document
+    assert np.array_equal(document_id(ids.reshape(-1)), np.repeat(docs, 6))
+    held = held_out_mask(ids.reshape(-1), 0.1).reshape(ids.shape)
+    assert (held == held[:, :1]).all()  # a document's windows are all held out or all trained on
+    assert 0.09 < held[:, 0].mean() < 0.11  # about eval_fraction of the documents
 
 
 def test_assigned_parts_are_disjoint_cover_and_seeded() -> None:
