@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -118,6 +119,15 @@ class CacheReader:
         self.padded_vocab_size: int = int(self.manifest["tokenizer"]["padded_vocab_size"])
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
         self._files: dict[int, pq.ParquetFile] = {}
+
+    @property
+    def content_id(self) -> str:
+        """sha256 over the shards' names and sha256 sums, in manifest order: the same for a moved or copied cache,
+        different for any other content (a recapture, another dataset or teacher). Runs record it to resume safely."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s['path']}\0{s['sha256']}\n".encode())
+        return h.hexdigest()
 
     def shard_path(self, shard_index: int) -> str:
         return f"{self._root}/{self.shards[shard_index]['path']}"

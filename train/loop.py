@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from logitcache.train.config import ConfigError, TrainConfig
 from logitcache.train.data import CacheStream, steps_for_epochs
 from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
 from logitcache.train.evaluate import evaluate
-from logitcache.train.student import DistillModel, build_student
+from logitcache.train.student import DistillModel, Student, build_student
 
 __all__ = ["train", "RESUMABLE_CHANGES", "CONFIG_NAME", "METRICS_NAME"]
 
@@ -77,7 +78,7 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> Any:
     return get_scheduler(name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total)
 
 
-def _check_resume(run_dir: Path, cfg: TrainConfig) -> Path | None:
+def _check_resume(run_dir: Path, cfg: TrainConfig, reader: CacheReader) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to overwrite a run or to change its math."""
     saved = run_dir / CONFIG_NAME
     if not cfg.resume:
@@ -92,8 +93,8 @@ def _check_resume(run_dir: Path, cfg: TrainConfig) -> Path | None:
         if saved.exists():
             raise ConfigError(f"`--resume`: {run_dir} has no complete checkpoint yet; delete it and start again")
         return None  # nothing to resume: a fresh run
-    old = json.loads(saved.read_text())["train"]
-    new = cfg.to_dict()
+    doc = json.loads(saved.read_text())
+    old, new = doc["train"], cfg.to_dict()
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and k in old and old[k] != new[k] and k != "lr")
     if cfg.lr is not None and old.get("lr") != cfg.lr:
         changed.append("lr")
@@ -103,7 +104,28 @@ def _check_resume(run_dir: Path, cfg: TrainConfig) -> Path | None:
             f"`--resume` would change {diffs}: the resumed run would not continue the same training. Resume with "
             f"the original options (see {saved}), or start a new run in another --output"
         )
+    _check_same_cache(doc, reader, saved)
     return ckpt
+
+
+def _check_same_cache(doc: dict[str, Any], reader: CacheReader, saved: Path) -> None:
+    """`--cache` may move (a copy of the same shards) between a run and its resume, never change content."""
+    old_id = doc.get("resolved", {}).get("cache_id")
+    old_path = doc["train"]["cache"]
+    if old_id is None:  # a run from before cache ids were recorded: only the same path can be trusted
+        if old_path != reader.path:
+            raise ConfigError(
+                f"`--resume --cache {reader.path}`: the run was trained on {old_path} and records no cache id to "
+                "check a moved copy against; resume with the original --cache path"
+            )
+        return
+    if old_id != reader.content_id:
+        raise ConfigError(
+            f"`--resume --cache {reader.path}` is a different cache (content id {reader.content_id[:16]}, "
+            f"teacher {reader.manifest['teacher'].get('name')!r}) from the one this run was trained on ({old_path}, "
+            f"content id {old_id[:16]}; see {saved}). Resume with that cache (a moved copy is fine), or start a new "
+            "run in another --output"
+        )
 
 
 class _Metrics:
@@ -159,12 +181,56 @@ def train(cfg: TrainConfig, batch_hook: BatchHook | None = None) -> dict[str, An
         shutdown()
 
 
+@dataclass
+class _Run:
+    """Everything the steps of a run share once it is set up (or restored)."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    student: Student
+    dm: DistillModel
+    model: nn.Module  # dm, wrapped for DDP/FSDP
+    opt: torch.optim.Optimizer
+    sched: Any
+    loader: Any  # torchdata StatefulDataLoader
+    batches: Iterator[dict[str, torch.Tensor]]
+    metrics: _Metrics
+    amp: torch.dtype | None
+    total: int
+    start: int
+    tokens_seen: int
+    batch_hook: BatchHook | None
+    bar: Any = None
+
+
 def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) -> dict[str, Any]:
+    run = _set_up(cfg, env, batch_hook)
+    cfg = run.cfg
+    last: dict[str, Any] = {}
+    for step in range(run.start + 1, run.total + 1):
+        last = _train_step(run, step)
+        _log(run, last)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == run.total:
+            _save_checkpoint(run, step)
+        if step == run.total:
+            # The final weights first: an evaluation that fails (or hangs) must not cost the trained student.
+            _save_final(run)
+        if ((cfg.eval_every and step % cfg.eval_every == 0) or step == run.total) and cfg.eval_fraction > 0:
+            _evaluate(run, step)
+    if run.bar is not None:
+        run.bar.close()
+    return last if env.is_main else {}
+
+
+def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Run:
+    """Checks the options against the cache and the run directory, builds the student, optimizer and stream, and
+    restores them from the latest checkpoint on --resume."""
     run_dir = Path(cfg.output)
     reader = CacheReader(cfg.cache)
     if cfg.top_k_used is not None and cfg.top_k_used > reader.top_k:
         raise ConfigError(f"`--top-k-used {cfg.top_k_used}` exceeds the cache's top_k {reader.top_k}; use at most that")
-    ckpt = _check_resume(run_dir, cfg)
+    ckpt = _check_resume(run_dir, cfg, reader)
     state = load_trainer_state(ckpt) if ckpt is not None else None
     if state is not None and state["world_size"] != env.world_size:
         raise ConfigError(
@@ -186,26 +252,8 @@ def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) 
         env.world_size,
     )
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {
-            "steps": total,
-            "world_size": env.world_size,
-            "student_kind": student.kind,
-            "vocab_size": student.vocab_size,
-            "cache_top_k": reader.top_k,
-            "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
-        }
-        (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-
-    loss_kwargs = {
-        "loss": cfg.loss,
-        "beta": cfg.beta,
-        "temperature": cfg.temperature,
-        "alpha": cfg.alpha,
-        "no_tail": cfg.no_tail,
-        "chunk_size": cfg.kd_chunk_size,
-    }
-    dm = DistillModel(student.model, student.vocab_size, loss_kwargs).to(env.device)
+        _write_config(run_dir, cfg, env, reader, student, total)
+    dm = DistillModel(student.model, student.vocab_size, _loss_settings(cfg)).to(env.device)
     if cfg.grad_checkpointing:
         student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
@@ -213,14 +261,73 @@ def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) 
     model = _wrap(dm, cfg, env)
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
     sched = _scheduler(opt, cfg, total)
+    loader = _loader(cfg, env)
+    start = tokens_seen = 0
+    if state is not None:
+        start, tokens_seen = _restore(state, cfg, env, dm, opt, sched, loader)
+        if env.is_main:
+            log.warning("resuming %s from %s (step %d of %d)", run_dir, ckpt, start, total)
+    run = _Run(
+        cfg=cfg,
+        env=env,
+        run_dir=run_dir,
+        student=student,
+        dm=dm,
+        model=model,
+        opt=opt,
+        sched=sched,
+        loader=loader,
+        batches=iter(loader),
+        metrics=_Metrics(run_dir / METRICS_NAME, env.is_main, start if state is not None else None),
+        amp=_autocast_dtype(cfg, env.device),
+        total=total,
+        start=start,
+        tokens_seen=tokens_seen,
+        batch_hook=batch_hook,
+    )
+    if env.is_main and cfg.progress:
+        from tqdm.auto import tqdm
 
+        run.bar = tqdm(total=total, initial=start, desc="train-student", unit="step", dynamic_ncols=True)
+    return run
+
+
+def _write_config(
+    run_dir: Path, cfg: TrainConfig, env: DistEnv, reader: CacheReader, student: Student, total: int
+) -> None:
+    """RUN_DIR/config.json: the options as given, and what they resolved to (steps, vocabularies, the cache's id)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        "steps": total,
+        "world_size": env.world_size,
+        "student_kind": student.kind,
+        "vocab_size": student.vocab_size,
+        "cache_top_k": reader.top_k,
+        "cache_id": reader.content_id,
+        "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
+    }
+    (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+
+
+def _loss_settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "loss": cfg.loss,
+        "beta": cfg.beta,
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+        "no_tail": cfg.no_tail,
+        "chunk_size": cfg.kd_chunk_size,
+    }
+
+
+def _loader(cfg: TrainConfig, env: DistEnv) -> Any:
+    """The training stream of this rank in a StatefulDataLoader (its state is the stream position)."""
     import warnings
 
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     # torchdata 0.11 calls a deprecated torch API on every loader start; nothing for a user to act on
     warnings.filterwarnings("ignore", message=".*set_vital.*")
-
     stream = CacheStream(
         cfg.cache,
         seed=cfg.seed,
@@ -232,7 +339,7 @@ def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) 
         world_size=env.world_size,
         top_k_used=cfg.top_k_used,
     )
-    loader = StatefulDataLoader(
+    return StatefulDataLoader(
         stream,
         batch_size=None,
         num_workers=cfg.num_workers,
@@ -240,128 +347,155 @@ def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) 
         persistent_workers=False,
         snapshot_every_n_steps=1,
     )
-    start, tokens_seen = 0, 0
-    if state is not None:
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(dm, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"][env.rank])
-        torch.set_rng_state(state["rng"]["torch"])
-        start, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        if env.is_main:
-            log.warning("resuming %s from %s (step %d of %d)", run_dir, ckpt, start, total)
-    metrics = _Metrics(run_dir / METRICS_NAME, env.is_main, start if state is not None else None)
-    amp = _autocast_dtype(cfg, env.device)
-    evaluate_kwargs: dict[str, Any] = {
-        "eval_fraction": cfg.eval_fraction,
-        "batch_count": cfg.batch_count,
-        "batch_unit": cfg.batch_unit,
-        "max_sequences": cfg.eval_max_sequences,
-        "chunk_size": cfg.kd_chunk_size,
-        "autocast": amp,
-        "env": env,
+
+def _restore(
+    state: dict[str, Any],
+    cfg: TrainConfig,
+    env: DistEnv,
+    dm: DistillModel,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    loader: Any,
+) -> tuple[int, int]:
+    """Loads the optimizer, scheduler, stream position and RNG states; returns (step, tokens seen)."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(dm, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["data"][env.rank])
+    rng = state["rng"]  # one entry per rank (a single dict in checkpoints from before CUDA states were kept)
+    _set_rng_state(rng[env.rank] if isinstance(rng, list) else rng, env)
+    return int(state["step"]), int(state["tokens_seen"])
+
+
+def _rng_state(env: DistEnv) -> dict[str, Any]:
+    """This process's torch RNG states: the CPU generator and, on CUDA, this rank's device generator."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(env.device)
+    return out
+
+
+def _set_rng_state(rng: dict[str, Any], env: DistEnv) -> None:
+    torch.set_rng_state(rng["torch"])
+    if env.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], env.device)
+
+
+def _train_step(run: _Run, step: int) -> dict[str, Any]:
+    """One optimizer step over `grad_accum` micro-batches; returns its metrics record."""
+    cfg, env = run.cfg, run.env
+    t_step = time.perf_counter()
+    micro = [next(run.batches) for _ in range(cfg.grad_accum)]
+    counts = torch.tensor(
+        [float(sum(int(b["num_positions"]) for b in micro)), float(sum(int(b["num_tokens"]) for b in micro))],
+        dtype=torch.float64,
+    )
+    counts = all_reduce_sum(counts.to(env.device)).cpu()
+    n_pos, n_tok = int(counts[0]), int(counts[1])
+    # DDP averages gradients over ranks: divide each rank's sum by (global positions / world) so that the
+    # averaged gradient is that of the mean over every loss position of the step, on all ranks together.
+    norm = max(n_pos, 1) / env.world_size
+    sums = torch.zeros(2, dtype=torch.float64)
+    run.model.train()
+    for i, b in enumerate(micro):
+        b = _to_device(b, env.device)
+        if run.batch_hook is not None:
+            b = run.batch_hook(b)
+        sync = (i == len(micro) - 1) or env.world_size == 1 or cfg.fsdp
+        ctx = contextlib.nullcontext() if sync else run.model.no_sync()  # type: ignore[operator]
+        with ctx, torch.autocast(env.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+            total_loss, kd_sum, ce_sum = run.model(b, norm)
+            total_loss.backward()
+        sums += torch.stack([kd_sum.double().cpu(), ce_sum.double().cpu()])
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.dm.parameters(), max_norm))
+    lr = float(run.sched.get_last_lr()[0])
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    sums = all_reduce_sum(sums.to(env.device)).cpu()
+    run.tokens_seen += n_tok
+    now = time.perf_counter()
+    kd, ce = float(sums[0]) / max(n_pos, 1), float(sums[1]) / max(n_pos, 1)
+    return {
+        "step": step,
+        "loss": cfg.alpha * cfg.temperature**2 * kd + (1 - cfg.alpha) * ce,
+        "kd_loss": kd,
+        "ce_loss": ce,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "positions": n_pos,
+        "tokens": n_tok,
+        "tokens_seen": run.tokens_seen,
+        "tokens_per_second": n_tok / max(now - t_step, 1e-9),
+        "step_seconds": now - t_step,
     }
-    bar = None
-    if env.is_main and cfg.progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc="train-student", unit="step", dynamic_ncols=True)
-    it = iter(loader)
-    last: dict[str, Any] = {}
-    for step in range(start + 1, total + 1):
-        t_step = time.perf_counter()
-        micro = [next(it) for _ in range(cfg.grad_accum)]
-        counts = torch.tensor(
-            [float(sum(int(b["num_positions"]) for b in micro)), float(sum(int(b["num_tokens"]) for b in micro))],
-            dtype=torch.float64,
-        )
-        counts = all_reduce_sum(counts.to(env.device)).cpu()
-        n_pos, n_tok = int(counts[0]), int(counts[1])
-        # DDP averages gradients over ranks: divide each rank's sum by (global positions / world) so that the
-        # averaged gradient is that of the mean over every loss position of the step, on all ranks together.
-        norm = max(n_pos, 1) / env.world_size
-        sums = torch.zeros(2, dtype=torch.float64)
-        model.train()
-        for i, b in enumerate(micro):
-            b = _to_device(b, env.device)
-            if batch_hook is not None:
-                b = batch_hook(b)
-            sync = (i == len(micro) - 1) or env.world_size == 1 or cfg.fsdp
-            ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-            with ctx, torch.autocast(env.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                total_loss, kd_sum, ce_sum = model(b, norm)
-                total_loss.backward()
-            sums += torch.stack([kd_sum.double().cpu(), ce_sum.double().cpu()])
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(dm.parameters(), cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(dm.parameters(), math.inf))
-        lr = float(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        sums = all_reduce_sum(sums.to(env.device)).cpu()
-        tokens_seen += n_tok
-        now = time.perf_counter()
-        kd, ce = float(sums[0]) / max(n_pos, 1), float(sums[1]) / max(n_pos, 1)
-        last = {
+
+def _log(run: _Run, record: dict[str, Any]) -> None:
+    """metrics.jsonl every `log_every` steps (and the last), and the progress bar."""
+    if record["step"] % run.cfg.log_every == 0 or record["step"] == run.total:
+        run.metrics.write(record)
+        if run.bar is not None:
+            run.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                kd=f"{record['kd_loss']:.4f}",
+                ce=f"{record['ce_loss']:.4f}",
+                tok_s=f"{record['tokens_per_second']:.0f}",
+                refresh=False,
+            )
+    if run.bar is not None:
+        run.bar.update(1)
+
+
+def _evaluate(run: _Run, step: int) -> None:
+    cfg = run.cfg
+    result = evaluate(
+        run.model,
+        cfg.cache,
+        eval_fraction=cfg.eval_fraction,
+        batch_count=cfg.batch_count,
+        batch_unit=cfg.batch_unit,
+        max_sequences=cfg.eval_max_sequences,
+        autocast=run.amp,
+        env=run.env,
+    )
+    run.metrics.write({"step": step, "eval": result})
+    if run.env.is_main:
+        _plot(run.run_dir)
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """checkpoints/step-N: weights, tokenizer and everything `_restore` needs (every rank takes part)."""
+    data_states = gather_to_rank0(run.loader.state_dict())
+    rng_states = gather_to_rank0(_rng_state(run.env))
+    weights, opt_state = _full_states(run.dm, run.opt, run.cfg)
+    if run.env.is_main:
+        trainer_state = {
             "step": step,
-            "loss": cfg.alpha * cfg.temperature**2 * kd + (1 - cfg.alpha) * ce,
-            "kd_loss": kd,
-            "ce_loss": ce,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "positions": n_pos,
-            "tokens": n_tok,
-            "tokens_seen": tokens_seen,
-            "tokens_per_second": n_tok / max(now - t_step, 1e-9),
-            "step_seconds": now - t_step,
+            "tokens_seen": run.tokens_seen,
+            "world_size": run.env.world_size,
+            "lr": run.cfg.lr,
+            "optimizer": opt_state,
+            "scheduler": run.sched.state_dict(),
+            "data": data_states,
+            "rng": rng_states,
         }
-        if step % cfg.log_every == 0 or step == total:
-            metrics.write(last)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{last['loss']:.4f}",
-                    kd=f"{kd:.4f}",
-                    ce=f"{ce:.4f}",
-                    tok_s=f"{last['tokens_per_second']:.0f}",
-                    refresh=False,
-                )
-        if bar is not None:
-            bar.update(1)
-        if ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and cfg.eval_fraction > 0:
-            result = evaluate(model, cfg.cache, **evaluate_kwargs)
-            metrics.write({"step": step, "eval": result})
-            if env.is_main:
-                _plot(run_dir)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-            data_states = gather_to_rank0(loader.state_dict())
-            weights, opt_state = _full_states(dm, opt, cfg)
-            if env.is_main:
-                trainer_state = {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "world_size": env.world_size,
-                    "lr": cfg.lr,
-                    "optimizer": opt_state,
-                    "scheduler": sched.state_dict(),
-                    "data": data_states,
-                    "rng": {"torch": torch.get_rng_state()},
-                }
-                save_checkpoint(
-                    run_dir, step, dm.model, student.tokenizer, trainer_state, cfg.keep_checkpoints, weights
-                )
-    if bar is not None:
-        bar.close()
-    weights, _ = _full_states(dm, None, cfg)
-    if env.is_main:
-        save_final(run_dir, dm.model, student.tokenizer, weights)
-        _plot(run_dir)
-    return last if env.is_main else {}
+        save_checkpoint(
+            run.run_dir, step, run.dm.model, run.student.tokenizer, trainer_state, run.cfg.keep_checkpoints, weights
+        )
+
+
+def _save_final(run: _Run) -> None:
+    weights, _ = _full_states(run.dm, None, run.cfg)
+    if run.env.is_main:
+        save_final(run.run_dir, run.dm.model, run.student.tokenizer, weights)
+        _plot(run.run_dir)
 
 
 def _full_states(

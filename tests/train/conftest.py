@@ -99,7 +99,11 @@ def write_synthetic_cache(
     writer.setdefault("row_group_bytes", 4_000)
     w = ShardWriter(path, top_k=k, codec=codec, **writer)
     for i in range(num_sequences):
-        w.write(sample_sequence(rng, teacher, i * 3 + 1, int(rng.integers(min_len, max_len + 1)), k, mask_prompt=i % 3))
+        w.write(
+            sample_sequence(
+                rng, teacher, (i * 3 + 1) << 16, int(rng.integers(min_len, max_len + 1)), k, mask_prompt=i % 3
+            )
+        )
     w.close()
     write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": num_sequences, "skipped": {}})
     finalize_cache(path)
