@@ -35,6 +35,7 @@ __all__ = [
     "plan_parts",
     "assigned_parts",
     "collate",
+    "masked_batch",
     "CacheStream",
     "steps_for_epochs",
 ]
@@ -144,12 +145,23 @@ def collate(
     }
 
 
+def masked_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `collate` batch with no loss positions: the first token of its first sequence as input (so the forward, and
+    the collectives that DDP/FSDP run in it, still happen) and 0 rows in every per-position tensor."""
+    out = {k: v[:0] for k, v in batch.items() if v.dim() > 0}
+    out["input_ids"] = batch["input_ids"][:1, :1].clone()
+    out["attention_mask"] = batch["attention_mask"][:1, :1].clone()
+    out.update(num_tokens=torch.tensor(0), num_positions=torch.tensor(0), epoch=batch["epoch"])
+    return out
+
+
 class CacheStream(IterableDataset):
     """Batches from a cache: the training stream (endless, shuffled, resumable) or the held-out split (one pass).
 
     Yields `collate` dicts. Each (rank, worker) reads a disjoint set of units (see the module docstring); with
     `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
-    pass stops after `max_sequences` held-out sequences (0: all).
+    pass stops after `max_sequences` held-out sequences (0: all); every rank yields the same number of batches, the
+    ranks short of one padding with a `masked_batch` (0 loss positions).
     """
 
     def __init__(
@@ -241,10 +253,10 @@ class CacheStream(IterableDataset):
                     "few row groups); lower --eval-fraction or --num-workers"
                 )
 
-    def _iter_eval(self, reader: CacheReader) -> Iterator[dict[str, torch.Tensor]]:
-        vocab = reader.vocab_size
+    def _eval_batches(self, reader: CacheReader) -> Iterator[list[CachedSequence]]:
+        """Every rank's held-out batches, in storage order (the same on all ranks), up to `max_sequences`."""
         pending: list[CachedSequence] = []
-        taken = index = 0
+        taken = 0
         for shard, group, rows in reader.units():
             if rows == 0:
                 continue
@@ -254,15 +266,34 @@ class CacheStream(IterableDataset):
                     break
                 seq = batch.sequence(int(i))
                 if self._full(pending, seq):
-                    if index % self.world_size == self.rank:
-                        yield collate(pending, vocab, self.top_k_used)
-                    index, pending = index + 1, []
+                    yield pending
+                    pending = []
                 pending.append(seq)
                 taken += 1
             if self.max_sequences and taken >= self.max_sequences:
                 break
-        if pending and index % self.world_size == self.rank:
-            yield collate(pending, vocab, self.top_k_used)
+        if pending:
+            yield pending
+
+    def _iter_eval(self, reader: CacheReader) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the held-out batches (round-robin), then masked batches up to the share of rank 0.
+
+        Every rank yields ceil(batches / world_size) batches: under DDP (buffer broadcast) and FSDP (parameter
+        all-gather) each forward is a collective, so a rank with one forward fewer would leave the others waiting.
+        """
+        vocab = reader.vocab_size
+        mine = total = 0
+        filler: dict[str, torch.Tensor] | None = None
+        for index, seqs in enumerate(self._eval_batches(reader)):
+            total += 1
+            if index % self.world_size == self.rank:
+                mine += 1
+                yield collate(seqs, vocab, self.top_k_used)
+            elif filler is None:
+                filler = masked_batch(collate(seqs[:1], vocab, self.top_k_used))
+        for _ in range(-(-total // self.world_size) - mine):
+            assert filler is not None  # a rank short of batches skipped at least one
+            yield filler
 
 
 def steps_for_epochs(

@@ -40,7 +40,9 @@ def evaluate(
     """Metrics over the held-out split (sequence ids chosen by hash with `eval_fraction`, never trained on).
 
     model: a DistillModel (possibly DDP/FSDP-wrapped) whose forward(batch, evaluate=True) returns the sums.
-    Batches are dealt to ranks round-robin and the sums all-reduced, so every rank returns the same figures.
+    Batches are dealt to ranks round-robin and the sums all-reduced, so every rank returns the same figures. Every
+    rank runs the same number of forwards (a rank short of a batch runs a masked one, which adds zeros): DDP and FSDP
+    run collectives inside each forward, and a rank with one forward fewer would leave the others waiting forever.
     """
     rank, world = (env.rank, env.world_size) if env else (0, 1)
     device = env.device if env else next(model.parameters()).device

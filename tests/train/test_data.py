@@ -121,3 +121,32 @@ def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -
     folded = collate([seq], small_vocab)
     assert int(folded["topk_ids"].max()) < small_vocab
     assert float(folded["tail_mass"][0]) > float(full["tail_mass"][0])
+
+
+def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Path) -> None:
+    def batches(rank: int, world: int, max_sequences: int = 0) -> list[dict[str, torch.Tensor]]:
+        stream = CacheStream(
+            str(synth_cache),
+            seed=0,
+            batch_count=5,
+            eval_fraction=1.0,
+            split="eval",
+            rank=rank,
+            world_size=world,
+            max_sequences=max_sequences,
+        )
+        return list(stream)
+
+    for max_sequences in (0, 21):
+        single = [b["sequence_id"].tolist() for b in batches(0, 1, max_sequences)]
+        assert sum(map(len, single)) == (max_sequences or 64)
+        assert len(single) % 2 == 1 and len(single) % 3 != 0  # some rank is short of a batch below
+        for world in (2, 3):
+            shares = [batches(r, world, max_sequences) for r in range(world)]
+            assert [len(s) for s in shares] == [-(-len(single) // world)] * world
+            real = [[b["sequence_id"].tolist() for b in s if int(b["num_positions"]) > 0] for s in shares]
+            assert sum(map(len, real)) == len(single)
+            assert [real[i % world][i // world] for i in range(len(single))] == single  # dealt round-robin
+            for filler in (b for s in shares for b in s if int(b["num_positions"]) == 0):
+                assert filler["positions"].shape == (0,) and filler["topk_ids"].shape == (0, 8)  # k=8
+                assert filler["input_ids"].shape == filler["attention_mask"].shape == (1, 1)
