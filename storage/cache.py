@@ -223,8 +223,10 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
         dup = uniq[counts > 1][:5].tolist()
         raise CacheFormatError(f"{root}: sequence ids stored twice (e.g. {dup}); the cache is inconsistent")
     skipped: Counter[str] = Counter()
+    skipped_windows: Counter[str] = Counter()
     for s in summaries:
         skipped.update(s.get("skipped", {}))
+        skipped_windows.update(s.get("skipped_windows", {}))
     manifest = {
         **header,
         "logitcache_version": logitcache_version(),
@@ -236,6 +238,7 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
             "num_bytes": int(sum(s["num_bytes"] for s in shards)),
             "num_rows": int(sum(s.get("rows", 0) for s in summaries)),
             "skipped_rows": dict(sorted(skipped.items())),
+            "skipped_windows": dict(sorted(skipped_windows.items())),
         },
         "replicas": summaries,
         "shards": shards,

@@ -123,7 +123,7 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
     click.echo(f"dataset      {m['dataset'].get('source')} split={m['dataset'].get('split')}")
     click.echo(
         f"sequences    {totals['num_sequences']:,}  tokens {totals['num_tokens']:,}  rows {totals.get('num_rows', 0):,}"
-        f"  skipped {totals.get('skipped_rows') or 'none'}"
+        f"  skipped rows {totals.get('skipped_rows') or 'none'}  windows {totals.get('skipped_windows') or 'none'}"
     )
     click.echo(
         f"size         {_fmt_bytes(totals['num_bytes'])} in {len(r.shards)} shard(s), "

@@ -206,3 +206,23 @@ def test_shards_use_the_documented_encodings(small_cache: tuple[Path, list[Cache
         assert "BYTE_STREAM_SPLIT" in encodings[col], (col, encodings[col])
     assert all("RLE_DICTIONARY" not in e and "PLAIN_DICTIONARY" not in e for e in encodings.values()), encodings
     assert all(rg.column(i).compression == "ZSTD" for i in range(rg.num_columns))
+
+
+def test_finalize_totals_skipped_rows_and_windows_over_replicas(tmp_path: Path) -> None:
+    from logitcache.storage import write_replica_summary
+
+    rng = np.random.default_rng(0)
+    open_capture(tmp_path, {**header(300, 8), "num_replicas": 2})
+    for i, prefix in enumerate(("r000", "r001")):
+        w = ShardWriter(tmp_path, top_k=8, prefix=prefix)
+        w.write(make_sequence(rng, (i + 1) << 16, 4, 300, 8))
+        w.close()
+        summary = {
+            "rows": 3,
+            "skipped": {"empty": 1, "no_loss_positions": i},
+            "skipped_windows": {"no_loss_positions": 2 + i, "empty": 1},
+        }
+        write_replica_summary(tmp_path, replica=i, num_replicas=2, summary=summary)
+    totals = finalize_cache(tmp_path)["totals"]
+    assert totals["skipped_rows"] == {"empty": 2, "no_loss_positions": 1}
+    assert totals["skipped_windows"] == {"empty": 2, "no_loss_positions": 5}
