@@ -69,22 +69,12 @@ def leaf(col: str) -> str:
     return f"{col}.list.element" if col in LIST_COLS else col
 
 
-def leaf_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """PARQUET_OPTIONS with its per-column lists (byte-stream split, dictionary) given as leaf paths."""
-    out = dict(opts)
-    for key in (BSS_COLS, "use_dictionary"):
-        if isinstance(out.get(key), list):
-            out[key] = [leaf(c) for c in out[key]]
-    return out
-
-
 @dataclass(frozen=True)
 class Variant:
     name: str
     group: str  # reference | physical | ids | codec
     codec: str = DEFAULT_CODEC
-    # "default" = storage's PARQUET_OPTIONS with its column lists as leaf paths (what they mean to do),
-    # "shipped" = PARQUET_OPTIONS verbatim, "baseline" = BASELINE_OPTIONS
+    # "default" = storage's PARQUET_OPTIONS (per-column lists given as leaf paths), "baseline" = BASELINE_OPTIONS
     base: str = "default"
     overrides: tuple[tuple[str, Any], ...] = ()
     ids: str = "int32"  # int32 | uint16 | flba2 | flba3 (physical type of the topk_ids values)
@@ -93,7 +83,7 @@ class Variant:
     max_vocab: int | None = None  # skipped when V is larger
 
     def options(self) -> dict[str, Any]:
-        base = {"default": leaf_options(PARQUET_OPTIONS), "shipped": PARQUET_OPTIONS, "baseline": BASELINE_OPTIONS}
+        base = {"default": PARQUET_OPTIONS, "baseline": BASELINE_OPTIONS}
         opts = dict(base[self.base])
         opts.update(dict(self.overrides))
         if self.ids_bss is not None:
@@ -107,8 +97,7 @@ def variants(vocab_size: int, top_k: int) -> list[Variant]:
     d = DEFAULT_CODEC
     out = [
         Variant("baseline: int32 + f16, zstd, pyarrow defaults", "reference", codec="f16", base="baseline"),
-        Variant("shipped: PARQUET_OPTIONS verbatim + " + d, "reference", base="shipped"),
-        Variant("default: PARQUET_OPTIONS, BSS on leaf paths + " + d, "reference"),
+        Variant("default: PARQUET_OPTIONS + " + d, "reference"),
         # physical options around the (leaf-path) default
         Variant("default, zstd level 1", "physical", overrides=(("compression_level", 1),)),
         Variant("default, zstd level 9", "physical", overrides=(("compression_level", 9),)),

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "gather_to_rank0", "broadcast_object", "shutdown"]
+__all__ = ["DistEnv", "init_distributed", "all_reduce_sum", "gather_to_rank0", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,6 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def shutdown() -> None:
