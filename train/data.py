@@ -6,11 +6,13 @@ exactly the batches an uninterrupted one would):
    rank and worker has data even in a tiny cache).
 2. Each epoch permutes the units with a generator seeded by (seed, epoch) and deals them round-robin to ranks, then
    each rank's share round-robin to its dataloader workers: disjoint, and every unit is read once per epoch.
-3. Within a unit, the training rows (sequence ids not held out) are shuffled with a generator seeded by
-   (seed, epoch, unit).
+3. Each reader's units are taken `shuffle_units` at a time (a block), and the training rows (sequence ids not held
+   out) of a whole block are shuffled together with a generator seeded by (seed, epoch, rank, worker, block): a
+   row group holds neighbouring windows of a few documents (about 8 sequences at L=4096, k=64), so shuffling within
+   one would fill a batch with windows of one document. Block shuffling as in mosaicml/streaming's `py1b`.
 4. Rows are grouped greedily into batches of N sequences or of at most N padded tokens. The stream position
-   (epoch, unit cursor, row cursor) after each yielded batch is the dataset's state_dict, which torchdata's
-   StatefulDataLoader snapshots per worker and restores on resume.
+   (epoch, block cursor, row cursor) after each yielded batch is the dataset's state_dict, which torchdata's
+   StatefulDataLoader snapshots per worker and restores on resume: a block is re-read and re-shuffled, never stored.
 
 The held-out split is a hash of the document id (splitmix64 of `storage.document_id`), independent of the seed, so
 every run on a cache holds out the same sequences, evaluations are comparable across students, and no window of a
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.storage import CachedSequence, CacheReader, document_id
+from logitcache.storage import CachedSequence, CacheReader, DecodedBatch, document_id
 
 __all__ = [
     "splitmix64",
@@ -158,7 +160,9 @@ def masked_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class CacheStream(IterableDataset):
     """Batches from a cache: the training stream (endless, shuffled, resumable) or the held-out split (one pass).
 
-    Yields `collate` dicts. Each (rank, worker) reads a disjoint set of units (see the module docstring); with
+    Yields `collate` dicts. Each (rank, worker) reads a disjoint set of units (see the module docstring), and
+    shuffles the training rows of `shuffle_units` units (row groups) at a time: it holds that many decoded row groups
+    in memory (16 MiB of raw arrays each at the writer's default), and a batch mixes sequences from as many. With
     `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
     pass stops after `max_sequences` held-out sequences (0: all); every rank yields the same number of batches, the
     ranks short of one padding with a `masked_batch` (0 loss positions).
@@ -177,34 +181,57 @@ class CacheStream(IterableDataset):
         world_size: int = 1,
         top_k_used: int | None = None,
         max_sequences: int = 0,
+        shuffle_units: int = 8,
     ) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if batch_unit not in ("sequences", "tokens"):
             raise ValueError(f"batch_unit must be 'sequences' or 'tokens', got {batch_unit!r}")
+        if shuffle_units < 1:
+            raise ValueError(f"shuffle_units must be at least 1 (row groups shuffled together), got {shuffle_units}")
         self.cache, self.seed, self.split = cache, seed, split
         self.batch_count, self.batch_unit = batch_count, batch_unit
         self.eval_fraction, self.rank, self.world_size = eval_fraction, rank, world_size
         self.top_k_used, self.max_sequences = top_k_used, max_sequences
-        self._state: dict[str, int] = {"epoch": 0, "unit": 0, "row": 0}
+        self.shuffle_units = shuffle_units
+        self._state: dict[str, int] = {"epoch": 0, "block": 0, "row": 0, "shuffle_units": shuffle_units}
 
     # torchdata's StatefulDataLoader calls these inside each worker process.
     def state_dict(self) -> dict[str, int]:
         return dict(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = {k: int(state[k]) for k in ("epoch", "unit", "row")}
+        if "block" not in state:
+            raise ValueError(
+                f"data position {dict(state)} was saved by an older logitcache (row groups shuffled one at a time); "
+                "it cannot be resumed exactly: start a new run"
+            )
+        if int(state["shuffle_units"]) != self.shuffle_units:
+            raise ValueError(
+                f"data position was saved with shuffle_units={state['shuffle_units']}, this stream has "
+                f"shuffle_units={self.shuffle_units}: resume with the same value"
+            )
+        self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_units")}
 
-    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int], rng: np.random.Generator | None):
-        """The kept sequences of one reading unit, shuffled when rng is given."""
+    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[DecodedBatch, np.ndarray]:
+        """One reading unit and the int64 indices of its rows in this split, in storage order."""
         shard, group, p, n = part
         batch = reader.read_unit(shard, group)
         lo, hi = _part_rows(len(batch), p, n)
         held = held_out_mask(batch.sequence_id[lo:hi], self.eval_fraction)
-        keep = lo + np.flatnonzero(held if self.split == "eval" else ~held)
-        if rng is not None:
-            keep = rng.permutation(keep)
-        return batch, keep
+        return batch, lo + np.flatnonzero(held if self.split == "eval" else ~held)
+
+    def _block(
+        self, reader: CacheReader, parts: list[tuple[int, int, int, int]], units: np.ndarray, rng: np.random.Generator
+    ) -> tuple[list[DecodedBatch], np.ndarray]:
+        """The decoded units of a block and its training rows shuffled together: int64 [n, 2] (unit in block, row)."""
+        decoded, rows = [], [np.zeros((0, 2), dtype=np.int64)]
+        for j, u in enumerate(units):
+            batch, keep = self._rows(reader, parts[int(u)])
+            decoded.append(batch)
+            rows.append(np.stack([np.full_like(keep, j), keep], axis=1))
+        shuffled = np.concatenate(rows)
+        return decoded, shuffled[rng.permutation(len(shuffled))]
 
     def _full(self, pending: list[CachedSequence], nxt: CachedSequence) -> bool:
         """Whether adding `nxt` would overflow the batch (a batch always takes at least one sequence)."""
@@ -228,24 +255,25 @@ class CacheStream(IterableDataset):
         vocab = reader.vocab_size
         pending: list[CachedSequence] = []
         empty_epochs = last_epoch = 0
+        size = self.shuffle_units
         while True:
-            epoch = self._state["epoch"]
+            epoch, start_block, start_row = self._state["epoch"], self._state["block"], self._state["row"]
             order = assigned_parts(len(parts), self.seed, epoch, self.rank, self.world_size, worker, num_workers)
             seen = 0
-            for u in range(self._state["unit"], len(order)):
-                rng = np.random.default_rng([self.seed, epoch, int(order[u])])
-                batch, keep = self._rows(reader, parts[order[u]], rng)
-                seen += len(keep)
-                for r in range(self._state["row"] if u == self._state["unit"] else 0, len(keep)):
-                    seq = batch.sequence(int(keep[r]))
+            for blk in range(start_block, -(-len(order) // size)):
+                rng = np.random.default_rng([self.seed, epoch, self.rank, worker, blk])
+                decoded, rows = self._block(reader, parts, order[blk * size : (blk + 1) * size], rng)
+                seen += len(rows)
+                for r in range(start_row if blk == start_block else 0, len(rows)):
+                    seq = decoded[rows[r, 0]].sequence(int(rows[r, 1]))
                     if self._full(pending, seq):
-                        self._state = {"epoch": epoch, "unit": u, "row": r}
+                        self._state = {"epoch": epoch, "block": blk, "row": r, "shuffle_units": size}
                         out, pending = pending, []
                         yield collate(out, vocab, self.top_k_used, last_epoch)
                     pending.append(seq)
                     last_epoch = epoch
             # Next epoch; the batch in progress continues across the boundary (the stream is endless).
-            self._state = {"epoch": epoch + 1, "unit": 0, "row": 0}
+            self._state = {"epoch": epoch + 1, "block": 0, "row": 0, "shuffle_units": size}
             empty_epochs = empty_epochs + 1 if seen == 0 else 0
             if empty_epochs > 1 and not pending:
                 raise ValueError(
@@ -260,7 +288,7 @@ class CacheStream(IterableDataset):
         for shard, group, rows in reader.units():
             if rows == 0:
                 continue
-            batch, keep = self._rows(reader, (shard, group, 0, 1), None)
+            batch, keep = self._rows(reader, (shard, group, 0, 1))
             for i in keep:
                 if self.max_sequences and taken >= self.max_sequences:
                     break

@@ -3,14 +3,73 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from logitcache.storage import WINDOW_BITS, CacheReader, document_id
+from logitcache.storage import (
+    WINDOW_BITS,
+    CacheReader,
+    ShardWriter,
+    document_id,
+    finalize_cache,
+    open_capture,
+    write_replica_summary,
+)
 from logitcache.train.data import CacheStream, assigned_parts, collate, held_out_mask, plan_parts, splitmix64
+
+from .conftest import bigram_teacher, make_tokenizer_dir, sample_sequence
+
+SEQS_PER_ROW_GROUP = 8  # as at the default 16 MiB row groups with L=4096, k=64
+
+
+def write_document_cache(root: Path) -> Path:
+    """root/cache: 120 documents of 1-8 windows each (ids `(document << 16) | window`), written in document order as
+    a capture writes them, 16 tokens per window, row groups of 8 windows."""
+    path, vocab, k, length = root / "cache", 32, 4, 16
+    header = {
+        "teacher": {"name": "bigram", "dtype": "float64", "backend": "numpy"},
+        "tokenizer": {
+            "name": "t",
+            "fingerprint": make_tokenizer_dir(root / "tok", vocab),
+            "vocab_size": vocab,
+            "padded_vocab_size": vocab,
+        },
+        "capture": {"top_k": k, "codec": "f32", "max_seq_len": length},
+        "dataset": {"source": "synthetic-documents"},
+        "num_replicas": 1,
+    }
+    open_capture(path, header)
+    bytes_per_window = 4 * (length + (length - 1) * (2 * k + 2))
+    writer = ShardWriter(path, top_k=k, codec="f32", row_group_bytes=SEQS_PER_ROW_GROUP * bytes_per_window)
+    rng, teacher = np.random.default_rng(0), bigram_teacher(vocab)
+    for doc in range(120):
+        for window in range(int(rng.integers(1, 9))):
+            writer.write(sample_sequence(rng, teacher, (doc << WINDOW_BITS) | window, length, k))
+    writer.close()
+    write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": 120, "skipped": {}})
+    finalize_cache(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def document_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_document_cache(tmp_path_factory.mktemp("documents"))
+
+
+def same_document_pair_share(cache: Path, batches: int = 60, seed: int = 0, **stream: int) -> float:
+    """Share of the sequence pairs within a training batch (8 sequences) that are windows of one document."""
+    it = iter(CacheStream(str(cache), seed=seed, batch_count=8, **stream))
+    same = pairs = 0
+    for _ in range(batches):
+        docs = document_id(next(it)["sequence_id"].numpy())
+        same += int((docs[:, None] == docs[None, :]).sum() - len(docs)) // 2
+        pairs += len(docs) * (len(docs) - 1) // 2
+    return same / pairs
 
 
 def test_splitmix64_known_value_and_split_fraction() -> None:
@@ -150,3 +209,35 @@ def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Pat
             for filler in (b for s in shares for b in s if int(b["num_positions"]) == 0):
                 assert filler["positions"].shape == (0,) and filler["topk_ids"].shape == (0, 8)  # k=8
                 assert filler["input_ids"].shape == filler["attention_mask"].shape == (1, 1)
+
+
+def test_shuffle_buffer_mixes_the_windows_of_a_document_across_batches(document_cache: Path) -> None:
+    reader = CacheReader(document_cache)
+    rows = [n for *_, n in reader.units()]
+    assert set(rows[:-1]) == {SEQS_PER_ROW_GROUP}
+    one_unit = same_document_pair_share(document_cache, shuffle_units=1)  # a batch from one row group at a time
+    default = same_document_pair_share(document_cache)
+    assert default < one_unit / 4, (one_unit, default)
+
+
+def test_resume_mid_epoch_with_the_shuffle_buffer_continues_with_the_same_batches(document_cache: Path) -> None:
+    def loader() -> StatefulDataLoader:
+        stream = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=3)
+        return StatefulDataLoader(stream, batch_size=None, num_workers=2)
+
+    full = [(b["sequence_id"].tolist(), int(b["epoch"])) for b in itertools.islice(loader(), 60)]
+    assert full[-1][1] >= 2  # the cut points below fall inside blocks, at block ends and in later epochs
+    for cut in (3, 17, 40):
+        first = loader()
+        it = iter(first)
+        for _ in range(cut):
+            next(it)
+        state = first.state_dict()
+        assert len(pickle.dumps(state)) < 4_000  # cursors, not rows
+        resumed = loader()
+        resumed.load_state_dict(state)
+        rest = [(b["sequence_id"].tolist(), int(b["epoch"])) for b in itertools.islice(resumed, 60 - cut)]
+        assert rest == full[cut:], cut
+    saved = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=3).state_dict()
+    with pytest.raises(ValueError, match="saved with shuffle_units=3"):
+        CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=4).load_state_dict(saved)
