@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.storage import WINDOW_BITS
+
 logger = logging.getLogger(__name__)
 
-WINDOW_BITS = 16
 MAX_WINDOWS = 1 << WINDOW_BITS
 # `datasets` builder per file extension, for local files and directories.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}

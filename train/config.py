@@ -141,6 +141,12 @@ class TrainConfig:
     kd_chunk_size: int = field(
         default=512, metadata={"help": "Positions whose full-vocabulary logits are materialised at once in the loss."}
     )
+    shuffle_units: int = field(
+        default=8,
+        metadata={
+            "help": "Row groups whose sequences each reader shuffles together (a shuffle buffer: more mixes better, each costs one decoded row group of memory)."
+        },
+    )
     eval_fraction: float = field(
         default=0.05,
         metadata={"help": "Share of sequence ids held out (by a hash of the id) for evaluation; never trained on."},
@@ -210,7 +216,7 @@ class TrainConfig:
             object.__setattr__(self, "batch_unit", unit)
         except ConfigError as e:
             errors.append(str(e))
-        for name in ("grad_accum", "kd_chunk_size", "keep_checkpoints", "log_every"):
+        for name in ("grad_accum", "kd_chunk_size", "keep_checkpoints", "log_every", "shuffle_units"):
             if getattr(self, name) < 1:
                 errors.append(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "num_workers", "eval_max_sequences", "max_grad_norm", "weight_decay"):
