@@ -118,6 +118,7 @@ def signal_error(
     the full distribution and (when given) against the same k's gradient from exact float32 values."""
     import torch
 
+    from logitcache.train.config import KDSettings
     from logitcache.train.losses import kd_loss_per_position
 
     z = student_logits.clone().requires_grad_(True)
@@ -125,7 +126,7 @@ def signal_error(
     (g_full,) = torch.autograd.grad(full.sum(), z)
     z2 = student_logits.clone().requires_grad_(True)
     bucket = kd_loss_per_position(
-        z2, decoded["topk_ids"], decoded["topk_logprobs"], decoded["tail_mass"], "forward_kl", no_tail=no_tail
+        z2, decoded["topk_ids"], decoded["topk_logprobs"], decoded["tail_mass"], KDSettings(no_tail=no_tail)
     )
     (g_b,) = torch.autograd.grad(bucket.sum(), z2)
     out = {

@@ -191,7 +191,7 @@ def run_row(
     seconds = time.perf_counter() - t0
     reader = CacheReader(heldout)
     student = build_student(str(run_dir / "final"), reader, None, seed)
-    dm = DistillModel(student.model, student.vocab_size, {"chunk_size": 512})
+    dm = DistillModel(student.model, student.vocab_size)
     metrics = evaluate(dm, str(heldout), eval_fraction=1.0)
     bucketed = {"bucketed_kl": metrics["kl"], "teacher_ce": metrics["teacher_ce"]}
     return {

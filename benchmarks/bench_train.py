@@ -95,6 +95,7 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from logitcache.storage import CacheReader
+    from logitcache.train.config import KDSettings
     from logitcache.train.data import CacheStream
     from logitcache.train.student import PRESETS, DistillModel
 
@@ -104,7 +105,7 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("llama", vocab_size=reader.vocab_size, **PRESETS[preset])
     model = AutoModelForCausalLM.from_config(cfg).to(device)
-    dm = DistillModel(model, reader.vocab_size, {"loss": "forward_kl", "alpha": 0.5, "chunk_size": chunk})
+    dm = DistillModel(model, reader.vocab_size, KDSettings(alpha=0.5, chunk_size=chunk))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stream = iter(CacheStream(cache, seed=0, batch_count=batch))
     batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(steps)]
@@ -116,7 +117,7 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
                 labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
                 loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
             else:
-                loss = dm(b, float(b["num_positions"]))[0]
+                loss = dm(b, float(b["num_positions"])).total
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

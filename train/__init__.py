@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from logitcache.train.config import ConfigError, TrainConfig
+from logitcache.train.config import ConfigError, KDSettings, TrainConfig
 
 __all__ = [
     "ConfigError",
+    "KDSettings",
     "TrainConfig",
     "train",
     "evaluate",
@@ -21,6 +22,7 @@ __all__ = [
     "chunked_distillation_loss",
     "kd_loss_per_position",
     "build_student",
+    "DistillModel",
     "plot_metrics",
 ]
 
@@ -33,6 +35,7 @@ _LAZY = {
     "chunked_distillation_loss": "logitcache.train.losses",
     "kd_loss_per_position": "logitcache.train.losses",
     "build_student": "logitcache.train.student",
+    "DistillModel": "logitcache.train.student",
     "plot_metrics": "logitcache.train.plot",
 }
 

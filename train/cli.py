@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, TrainConfig, load_config_file
+from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, KDSettings, TrainConfig, load_config_file
 
 __all__ = ["train_student", "eval_cmd"]
 
@@ -152,7 +152,7 @@ def eval_cmd(
     try:
         reader = CacheReader(cache)
         built = build_student(model_dir, reader, tokenizer or run.get("tokenizer"))
-        dm = DistillModel(built.model, built.vocab_size, {"chunk_size": int(run.get("kd_chunk_size", 512))})
+        dm = DistillModel(built.model, built.vocab_size, KDSettings(chunk_size=int(run.get("kd_chunk_size", 512))))
         result = evaluate(
             dm, cache, eval_fraction=fraction, batch_count=count, batch_unit=unit, max_sequences=max_sequences
         )

@@ -14,6 +14,8 @@ __all__ = [
     "SCHEDULES",
     "DTYPES",
     "TrainConfig",
+    "KDSettings",
+    "DEFAULT_KD",
     "ConfigError",
     "load_config_file",
     "parse_batch_size",
@@ -27,6 +29,37 @@ _BATCH_RE = re.compile(r"^\s*(\d+)\s*(seq|seqs|sequences|tok|tokens|t)?\s*$")
 
 class ConfigError(ValueError):
     """Invalid training options; the message lists every problem with the flag that caused it."""
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """How the distillation loss is computed: built once (`TrainConfig.kd_settings()`) and passed to the loss, the
+    model wrapper, evaluation and the benchmarks. The defaults are those of `train-student`."""
+
+    loss: str = "forward_kl"  # divergence on the bucketed support: one of LOSSES
+    beta: float | None = None  # jsd / skew_kl mixing weight in (0, 1)
+    temperature: float = 1.0  # T > 0; the KD term is scaled by T^2
+    alpha: float = 1.0  # weight of the KD term against CE on the real next tokens (1 = pure KD)
+    no_tail: bool = False  # drop the tail bucket and renormalise the teacher head (the biased baseline)
+    chunk_size: int = 512  # positions whose full-vocabulary logits exist at once
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.loss not in LOSSES:
+            errors.append(f"loss {self.loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if self.loss in ("jsd", "skew_kl") and (self.beta is None or not 0.0 < self.beta < 1.0):
+            errors.append(f"loss {self.loss!r} needs beta in (0, 1), got {self.beta!r}")
+        if not self.temperature > 0:
+            errors.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            errors.append(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.chunk_size < 1:
+            errors.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if errors:
+            raise ConfigError("invalid KD settings: " + "; ".join(errors))
+
+
+DEFAULT_KD = KDSettings()  # the defaults; frozen, so safe to share as a default argument
 
 
 def parse_batch_size(value: str | int) -> tuple[int, str]:
@@ -255,6 +288,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def kd_settings(self) -> KDSettings:
+        """The loss settings of this run."""
+        return KDSettings(
+            loss=self.loss,
+            beta=self.beta,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            no_tail=self.no_tail,
+            chunk_size=self.kd_chunk_size,
+        )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

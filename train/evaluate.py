@@ -10,6 +10,7 @@ from torch import nn
 
 from logitcache.train.data import CacheStream
 from logitcache.train.distributed import DistEnv, all_reduce_sum
+from logitcache.train.student import EvalSums
 
 __all__ = ["evaluate", "EVAL_FIELDS"]
 
@@ -33,13 +34,12 @@ def evaluate(
     batch_count: int = 8,
     batch_unit: str = "sequences",
     max_sequences: int = 0,
-    chunk_size: int = 512,
     autocast: torch.dtype | None = None,
     env: DistEnv | None = None,
 ) -> dict[str, Any]:
     """Metrics over the held-out split (sequence ids chosen by hash with `eval_fraction`, never trained on).
 
-    model: a DistillModel (possibly DDP/FSDP-wrapped) whose forward(batch, evaluate=True) returns the sums.
+    model: a DistillModel (possibly DDP/FSDP-wrapped) whose forward(batch, evaluate=True) returns its EvalSums.
     Batches are dealt to ranks round-robin and the sums all-reduced, so every rank returns the same figures. Every
     rank runs the same number of forwards (a rank short of a batch runs a masked one, which adds zeros): DDP and FSDP
     run collectives inside each forward, and a rank with one forward fewer would leave the others waiting forever.
@@ -59,16 +59,15 @@ def evaluate(
     )
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    sums = EvalSums.zeros(device)
     try:
         for batch in stream:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                (s,) = model(batch, evaluate=True)
-            sums += s
+                sums = sums + model(batch, evaluate=True)
     finally:
         model.train(was_training)
-    ce, kl, agree, n, teacher = all_reduce_sum(sums).tolist()
+    ce, kl, agree, n, teacher = all_reduce_sum(torch.stack(list(sums))).tolist()  # EvalSums' field order
     if n == 0:
         raise ValueError(
             f"{cache}: no held-out positions to evaluate (--eval-fraction {eval_fraction}); raise --eval-fraction"

@@ -253,7 +253,7 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     )
     if env.is_main:
         _write_config(run_dir, cfg, env, reader, student, total)
-    dm = DistillModel(student.model, student.vocab_size, _loss_settings(cfg)).to(env.device)
+    dm = DistillModel(student.model, student.vocab_size, cfg.kd_settings()).to(env.device)
     if cfg.grad_checkpointing:
         student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
@@ -307,17 +307,6 @@ def _write_config(
         "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
     }
     (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-
-
-def _loss_settings(cfg: TrainConfig) -> dict[str, Any]:
-    return {
-        "loss": cfg.loss,
-        "beta": cfg.beta,
-        "temperature": cfg.temperature,
-        "alpha": cfg.alpha,
-        "no_tail": cfg.no_tail,
-        "chunk_size": cfg.kd_chunk_size,
-    }
 
 
 def _loader(cfg: TrainConfig, env: DistEnv) -> Any:
@@ -410,9 +399,9 @@ def _train_step(run: _Run, step: int) -> dict[str, Any]:
         sync = (i == len(micro) - 1) or env.world_size == 1 or cfg.fsdp
         ctx = contextlib.nullcontext() if sync else run.model.no_sync()  # type: ignore[operator]
         with ctx, torch.autocast(env.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-            total_loss, kd_sum, ce_sum = run.model(b, norm)
-            total_loss.backward()
-        sums += torch.stack([kd_sum.double().cpu(), ce_sum.double().cpu()])
+            parts = run.model(b, norm)
+            parts.total.backward()
+        sums += torch.stack([parts.kd_sum.double().cpu(), parts.ce_sum.double().cpu()])
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.dm.parameters(), max_norm))
     lr = float(run.sched.get_last_lr()[0])

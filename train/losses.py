@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ __all__ = [
     "chunked_distillation_loss",
 ]
 
-from logitcache.train.config import LOSSES
+from logitcache.train.config import DEFAULT_KD, LOSSES, KDSettings
 
 # log-probs below this are treated as 0 probability; finite so that 0 * log(0) terms and their gradients stay 0.
 _LOG_FLOOR = -1e4
@@ -70,9 +70,11 @@ _LOG_FLOOR = -1e4
 TAIL_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
-@dataclass
-class LossParts:
-    """Sums over the positions of a batch (divide by `num_positions` for means); `total` carries the gradient."""
+class LossParts(NamedTuple):
+    """Sums over the positions of a batch (divide by `num_positions` for means); `total` carries the gradient.
+
+    A NamedTuple so that DDP and FSDP2 see (and hook) its tensors when a model's forward returns it.
+    """
 
     total: torch.Tensor  # scalar: alpha * T^2 * kd_sum + (1 - alpha) * ce_sum, divided by the normaliser
     kd_sum: torch.Tensor  # scalar, detached: sum over positions of the (untempered-scale) KD divergence
@@ -174,26 +176,23 @@ def kd_loss_per_position(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
-    loss: str = "forward_kl",
-    beta: float | None = None,
-    temperature: float = 1.0,
-    no_tail: bool = False,
+    settings: KDSettings = DEFAULT_KD,
 ) -> torch.Tensor:
-    """KD divergence at each position on the bucketed support (not scaled by T^2).
+    """KD divergence at each position on the bucketed support (not scaled by T^2; alpha is not applied).
 
     student_logits: float [N, V]; topk_ids: int [N, K] (-1 = padding); topk_logprobs: float [N, K] (T=1);
-    tail_mass: float [N]. Returns float32 [N].
+    tail_mass: float [N]. Uses settings.loss, beta, temperature and no_tail. Returns float32 [N].
     """
     t_lp, s_lp, valid = bucket_logprobs(
         student_logits,
         topk_ids,
         topk_logprobs,
         tail_mass,
-        temperature,
-        no_tail,
-        renormalise_student=loss != "forward_kl",
+        settings.temperature,
+        settings.no_tail,
+        renormalise_student=settings.loss != "forward_kl",
     )
-    return divergence(t_lp, s_lp, valid, loss, beta)
+    return divergence(t_lp, s_lp, valid, settings.loss, settings.beta)
 
 
 def _chunk_sums(
@@ -202,19 +201,15 @@ def _chunk_sums(
     topk_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
-    loss: str,
-    beta: float | None,
-    temperature: float,
-    no_tail: bool,
-    alpha: float,
+    settings: KDSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weighted sum, kd sum, ce sum) of one chunk's positions; logits [C, V]."""
     ce = F.cross_entropy(logits.float(), targets.long(), reduction="sum")
-    if alpha > 0.0:
-        kd = kd_loss_per_position(logits, topk_ids, topk_logprobs, tail_mass, loss, beta, temperature, no_tail).sum()
+    if settings.alpha > 0.0:
+        kd = kd_loss_per_position(logits, topk_ids, topk_logprobs, tail_mass, settings).sum()
     else:
         kd = logits.new_zeros((), dtype=torch.float32)
-    total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+    total = settings.alpha * settings.temperature**2 * kd + (1.0 - settings.alpha) * ce
     return total, kd.detach(), ce.detach()
 
 
@@ -224,12 +219,7 @@ def distillation_loss(
     topk_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    loss: str = "forward_kl",
-    beta: float | None = None,
-    temperature: float = 1.0,
-    alpha: float = 1.0,
-    no_tail: bool = False,
+    settings: KDSettings = DEFAULT_KD,
     normalizer: float | None = None,
 ) -> LossParts:
     """alpha * T^2 * KD + (1 - alpha) * CE, summed over positions and divided by `normalizer` (default: N).
@@ -238,9 +228,7 @@ def distillation_loss(
     topk_logprobs float [N, K]; tail_mass float [N]; targets int [N] (the real next tokens).
     """
     n = int(targets.shape[0])
-    total, kd, ce = _chunk_sums(
-        student_logits, topk_ids, topk_logprobs, tail_mass, targets, loss, beta, temperature, no_tail, alpha
-    )
+    total, kd, ce = _chunk_sums(student_logits, topk_ids, topk_logprobs, tail_mass, targets, settings)
     norm = float(normalizer if normalizer is not None else max(n, 1))
     return LossParts(total=total / norm, kd_sum=kd, ce_sum=ce, num_positions=n)
 
@@ -252,14 +240,8 @@ def chunked_distillation_loss(
     topk_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
-    *,
-    loss: str = "forward_kl",
-    beta: float | None = None,
-    temperature: float = 1.0,
-    alpha: float = 1.0,
-    no_tail: bool = False,
+    settings: KDSettings = DEFAULT_KD,
     normalizer: float | None = None,
-    chunk_size: int = 512,
 ) -> LossParts:
     """`distillation_loss` of head(hidden), with the [N, V] logits only ever materialised `chunk_size` rows at once.
 
@@ -268,11 +250,10 @@ def chunked_distillation_loss(
     Each chunk is recomputed during backward (torch.utils.checkpoint), so only hidden is kept between passes.
     """
     n = int(targets.shape[0])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = settings.chunk_size
 
     def run(h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tgt: torch.Tensor):
-        return _chunk_sums(head(h), ids, lps, tail, tgt, loss, beta, temperature, no_tail, alpha)
+        return _chunk_sums(head(h), ids, lps, tail, tgt, settings)
 
     # A batch without loss positions (a chat window with no assistant token) still gives a loss tied to the graph:
     # its backward yields zero gradients, so DDP/FSDP ranks stay in step instead of one rank skipping a reduction.

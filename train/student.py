@@ -6,13 +6,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from logitcache.storage import CacheReader, LMHeadTransform, tokenizer_fingerprint
-from logitcache.train.losses import chunked_distillation_loss, kd_loss_per_position
+from logitcache.train.config import DEFAULT_KD, KDSettings
+from logitcache.train.losses import LossParts, chunked_distillation_loss, kd_loss_per_position
 
 __all__ = [
     "PRESETS",
@@ -22,6 +23,7 @@ __all__ = [
     "load_cache_tokenizer",
     "build_student",
     "DistillModel",
+    "EvalSums",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,24 @@ def build_student(spec: str, reader: CacheReader, tokenizer: str | None = None, 
     return Student(model=model, tokenizer=cache_tok, kind=kind, vocab_size=reader.vocab_size)
 
 
+class EvalSums(NamedTuple):
+    """Held-out sums over a batch's loss positions, float64 scalars (summed over batches and ranks, then divided)."""
+
+    ce: torch.Tensor  # student cross-entropy on the real next tokens
+    kl: torch.Tensor  # forward KL(teacher || student) at T=1 on the bucketed support
+    top1_agreements: torch.Tensor  # positions where the student's argmax is the teacher's top-1
+    positions: torch.Tensor
+    teacher_nll: torch.Tensor  # the teacher's own negative log-likelihood of the real next tokens
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EvalSums:
+        return cls(*torch.zeros(len(cls._fields), dtype=torch.float64, device=device))
+
+    def __add__(self, other: object) -> EvalSums:  # type: ignore[override]
+        assert isinstance(other, EvalSums)
+        return EvalSums(*(a + b for a, b in zip(self, other)))
+
+
 class DistillModel(nn.Module):
     """A causal LM plus the distillation loss, so that DDP/FSDP see the whole step inside one forward.
 
@@ -221,11 +241,11 @@ class DistillModel(nn.Module):
     time, from the final hidden states and the output head sliced to the tokenizer's vocabulary.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int, loss: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int, settings: KDSettings = DEFAULT_KD) -> None:
         super().__init__()
         self.model: Any = model  # a transformers PreTrainedModel
         self.vocab_size = vocab_size
-        self.loss = dict(loss)  # keyword arguments of chunked_distillation_loss (loss, beta, temperature, ...)
+        self.settings = settings
         self.head_transform = LMHeadTransform.from_config(model.config)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -242,44 +262,39 @@ class DistillModel(nn.Module):
 
     def forward(
         self, batch: dict[str, torch.Tensor], normalizer: float | None = None, evaluate: bool = False
-    ) -> tuple[torch.Tensor, ...]:
-        """Training: (total loss / normalizer, kd_sum, ce_sum) of a `collate` batch already on the device.
-
-        evaluate=True: float64 [5] sums (ce, forward KL at T=1 on the bucketed support, top-1 agreements with the
-        teacher, positions, teacher NLL) for `logitcache.train.evaluate`; runs through forward so FSDP gathers.
-        """
+    ) -> LossParts | EvalSums:
+        """Training: the `LossParts` of a `collate` batch already on the device (total / normalizer carries the
+        gradient). evaluate=True: its `EvalSums` instead; it runs through forward so that FSDP gathers."""
         hidden = self.hidden_at(batch["input_ids"], batch["attention_mask"], batch["positions"])
         if evaluate:
-            return (self._eval_sums(hidden, batch),)
-        parts = chunked_distillation_loss(
+            return self._eval_sums(hidden, batch)
+        return chunked_distillation_loss(
             hidden,
             self.head,
             batch["topk_ids"],
             batch["topk_logprobs"],
             batch["tail_mass"],
             batch["targets"],
+            self.settings,
             normalizer=normalizer,
-            **self.loss,
         )
-        return parts.total, parts.kd_sum, parts.ce_sum
 
     @torch.no_grad()
-    def _eval_sums(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
-        chunk = int(self.loss.get("chunk_size", 512))
+    def _eval_sums(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> EvalSums:
+        sums = EvalSums.zeros(hidden.device)
+        at_t1 = KDSettings(chunk_size=self.settings.chunk_size)  # KL at T=1 with the tail, whatever the training loss
+        chunk = at_t1.chunk_size
         for s in range(0, hidden.shape[0], chunk):
             sl = slice(s, s + chunk)
             logits = self.head(hidden[sl]).float()
             ids, tgt = batch["topk_ids"][sl], batch["targets"][sl]
-            kl = kd_loss_per_position(logits, ids, batch["topk_logprobs"][sl], batch["tail_mass"][sl])
+            kl = kd_loss_per_position(logits, ids, batch["topk_logprobs"][sl], batch["tail_mass"][sl], at_t1)
             agree = (logits.argmax(dim=-1) == ids[:, 0]) & (ids[:, 0] >= 0)
-            sums += torch.stack(
-                [
-                    nn.functional.cross_entropy(logits, tgt, reduction="sum").double(),
-                    kl.sum().double(),
-                    agree.sum().double(),
-                    torch.tensor(float(tgt.shape[0]), dtype=torch.float64, device=hidden.device),
-                    -batch["target_logprobs"][sl].double().sum(),
-                ]
+            sums = sums + EvalSums(
+                ce=nn.functional.cross_entropy(logits, tgt, reduction="sum").double(),
+                kl=kl.sum().double(),
+                top1_agreements=agree.sum().double(),
+                positions=torch.tensor(float(tgt.shape[0]), dtype=torch.float64, device=hidden.device),
+                teacher_nll=-batch["target_logprobs"][sl].double().sum(),
             )
         return sums

@@ -25,7 +25,7 @@ TIMEOUT_S = 120
 
 def _model(cache: str) -> DistillModel:
     student = build_student("tiny-llama", CacheReader(cache), seed=0)
-    return DistillModel(student.model, student.vocab_size, {})
+    return DistillModel(student.model, student.vocab_size)
 
 
 def _rank_main(rank: int, world: int, cache: str, store: str, out: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from logitcache.train.config import KDSettings
 from logitcache.train.losses import (
     LOSSES,
     TAIL_FLOOR,
@@ -60,14 +62,14 @@ def _inputs():
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
 def test_every_loss_matches_hand_computed_buckets(loss: str, temperature: float) -> None:
     beta = 0.3 if loss in ("jsd", "skew_kl") else None
-    got = kd_loss_per_position(*_inputs(), loss=loss, beta=beta, temperature=temperature)
+    got = kd_loss_per_position(*_inputs(), KDSettings(loss=loss, beta=beta, temperature=temperature))
     p, q = _buckets(temperature)
     assert got.item() == pytest.approx(_hand(loss, p, q), rel=1e-5, abs=1e-7)
 
 
 def test_jsd_half_is_symmetric_and_bounded() -> None:
     logits, ids, lps, tail = _inputs()
-    fwd = kd_loss_per_position(logits, ids, lps, tail, loss="jsd", beta=0.5).item()
+    fwd = kd_loss_per_position(logits, ids, lps, tail, KDSettings(loss="jsd", beta=0.5)).item()
     p, q = _buckets()
     assert fwd == pytest.approx(_hand("jsd", q, p, beta=0.5), rel=1e-5)  # swapping P and Q changes nothing
     assert 0 < fwd < math.log(2)
@@ -82,7 +84,7 @@ def test_student_with_teachers_buckets_has_zero_loss_at_any_temperature(loss: st
     logits = torch.from_numpy(np.log(q)).float()[None]
     _, ids, lps, tail = _inputs()
     beta = 0.4 if loss in ("jsd", "skew_kl") else None
-    got = kd_loss_per_position(logits, ids, lps, tail, loss=loss, beta=beta, temperature=temperature)
+    got = kd_loss_per_position(logits, ids, lps, tail, KDSettings(loss=loss, beta=beta, temperature=temperature))
     assert got.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -104,7 +106,7 @@ def test_forward_kl_with_k_equal_vocab_is_the_full_kl() -> None:
     teacher_lp = torch.log_softmax(torch.randn(n, v) * 2, dim=-1)
     lps, ids = teacher_lp.sort(dim=-1, descending=True)
     tail = torch.zeros(n)  # nothing outside the head
-    got = kd_loss_per_position(student, ids, lps, tail, loss="forward_kl")
+    got = kd_loss_per_position(student, ids, lps, tail, KDSettings(loss="forward_kl"))
     want = F.kl_div(torch.log_softmax(student, -1), teacher_lp, log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     student.requires_grad_(True)
@@ -117,14 +119,14 @@ def test_padding_ids_are_ignored() -> None:
     padded_ids = torch.tensor([[2, 0, -1, -1]])
     padded_lps = torch.tensor([[lps[0, 0].item(), lps[0, 1].item(), -math.inf, -math.inf]])
     for loss in ("forward_kl", "reverse_kl", "tvd"):
-        a = kd_loss_per_position(logits, ids, lps, tail, loss=loss)
-        b = kd_loss_per_position(logits, padded_ids, padded_lps, tail, loss=loss)
+        a = kd_loss_per_position(logits, ids, lps, tail, KDSettings(loss=loss))
+        b = kd_loss_per_position(logits, padded_ids, padded_lps, tail, KDSettings(loss=loss))
         torch.testing.assert_close(a, b)
 
 
 def test_no_tail_is_the_renormalised_head_baseline() -> None:
     logits, ids, lps, tail = _inputs()
-    got = kd_loss_per_position(logits, ids, lps, tail, loss="forward_kl", no_tail=True).item()
+    got = kd_loss_per_position(logits, ids, lps, tail, KDSettings(loss="forward_kl", no_tail=True)).item()
     p = np.array(P_HEAD) / sum(P_HEAD)
     s = torch.log_softmax(logits, -1)[0, IDS].numpy()
     assert got == pytest.approx(float(np.sum(p * (np.log(p) - s))), rel=1e-5)
@@ -138,14 +140,14 @@ def test_alpha_mix_temperature_scaling_and_masked_mean() -> None:
     tail = 1 - lp.exp().sum(-1)
     targets = torch.randint(0, v, (n,))
     ce = F.cross_entropy(logits, targets)
-    kd = kd_loss_per_position(logits, ids, lp, tail, temperature=2.0).mean()
-    parts = distillation_loss(logits, ids, lp, tail, targets, temperature=2.0, alpha=0.25)
+    kd = kd_loss_per_position(logits, ids, lp, tail, KDSettings(temperature=2.0)).mean()
+    parts = distillation_loss(logits, ids, lp, tail, targets, KDSettings(temperature=2.0, alpha=0.25))
     torch.testing.assert_close(parts.total, 0.25 * 4.0 * kd + 0.75 * ce)
     torch.testing.assert_close(parts.ce_sum / n, ce)
-    only_ce = distillation_loss(logits, ids, lp, tail, targets, alpha=0.0)
+    only_ce = distillation_loss(logits, ids, lp, tail, targets, KDSettings(alpha=0.0))
     torch.testing.assert_close(only_ce.total, ce)
     # normalizer: the sum over the positions divided by a count given by the caller (grad accumulation, DDP)
-    half = distillation_loss(logits, ids, lp, tail, targets, temperature=2.0, alpha=0.25, normalizer=2 * n)
+    half = distillation_loss(logits, ids, lp, tail, targets, KDSettings(temperature=2.0, alpha=0.25), 2 * n)
     torch.testing.assert_close(half.total, parts.total / 2)
 
 
@@ -160,15 +162,15 @@ def test_chunked_equals_unchunked_values_and_gradients(loss: str) -> None:
     lp[3, -2:] = -math.inf
     tail = (1 - lp.exp().sum(-1)).clamp(min=0)
     targets = torch.randint(0, v, (n,))
-    kwargs = {"loss": loss, "beta": 0.3 if loss in ("jsd", "skew_kl") else None, "temperature": 1.5, "alpha": 0.7}
+    settings = KDSettings(loss=loss, beta=0.3 if loss in ("jsd", "skew_kl") else None, temperature=1.5, alpha=0.7)
 
     h1, w1 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-    full = distillation_loss(h1 @ w1.T, ids, lp, tail, targets, **kwargs)
+    full = distillation_loss(h1 @ w1.T, ids, lp, tail, targets, settings)
     full.total.backward()
     for chunk in (1, 8, 64):
         h2, w2 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
         part = chunked_distillation_loss(
-            h2, lambda h, w=w2: h @ w.T, ids, lp, tail, targets, chunk_size=chunk, **kwargs
+            h2, lambda h, w=w2: h @ w.T, ids, lp, tail, targets, dataclasses.replace(settings, chunk_size=chunk)
         )
         part.total.backward()
         torch.testing.assert_close(part.total, full.total.float(), rtol=1e-6, atol=1e-7)
@@ -196,12 +198,12 @@ def test_teacher_tail_of_zero_is_below_resolution_not_a_hard_zero(loss: str) -> 
     logits = torch.tensor([[2.0, 0.0, 0.0, 1.0, 0.5]])
     ids, lps = torch.tensor([[0, 3]]), torch.tensor([[0.0, -17.0]])
     beta = 0.5 if loss in ("jsd", "skew_kl") else None
-    zero = kd_loss_per_position(logits, ids, lps, torch.tensor([0.0]), loss=loss, beta=beta).item()
-    tiny = kd_loss_per_position(logits, ids, lps, torch.tensor([TAIL_FLOOR]), loss=loss, beta=beta).item()
+    zero = kd_loss_per_position(logits, ids, lps, torch.tensor([0.0]), KDSettings(loss=loss, beta=beta)).item()
+    tiny = kd_loss_per_position(logits, ids, lps, torch.tensor([TAIL_FLOOR]), KDSettings(loss=loss, beta=beta)).item()
     assert math.isfinite(zero) and zero < 20.0
     assert zero == pytest.approx(tiny, rel=1e-4, abs=1e-6)
     student = logits.clone().requires_grad_(True)
-    kd_loss_per_position(student, ids, lps, torch.tensor([0.0]), loss=loss, beta=beta).sum().backward()
+    kd_loss_per_position(student, ids, lps, torch.tensor([0.0]), KDSettings(loss=loss, beta=beta)).sum().backward()
     assert student.grad is not None and float(student.grad.abs().max()) < 20.0
 
 
@@ -216,7 +218,7 @@ def test_no_tail_minimiser_is_the_renormalised_teacher_head(loss: str) -> None:
     ids = torch.tensor([[0, 1, 2]])
     lps = torch.from_numpy(np.log(p_head * 0.8)).float()[None]  # the cached head at T=1, tail 0.2
     beta = 0.5 if loss in ("jsd", "skew_kl") else None
-    got = kd_loss_per_position(logits, ids, lps, torch.tensor([0.2]), loss=loss, beta=beta, no_tail=True)
+    got = kd_loss_per_position(logits, ids, lps, torch.tensor([0.2]), KDSettings(loss=loss, beta=beta, no_tail=True))
     got.sum().backward()
     assert got.item() == pytest.approx(0.0, abs=1e-6)
     if loss != "tvd":  # TVD's |.| has no gradient at its minimum

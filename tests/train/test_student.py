@@ -92,7 +92,7 @@ def test_student_head_applies_granite_logits_scaling(padded_cache: Path) -> None
     )
     torch.manual_seed(0)
     model = GraniteForCausalLM(cfg).eval()
-    dm = DistillModel(model, 96, {"loss": "forward_kl"})
+    dm = DistillModel(model, 96)
     ids = torch.randint(0, 96, (2, 9))
     mask = torch.ones_like(ids)
     positions = torch.arange(18)
