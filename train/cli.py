@@ -4,48 +4,25 @@ torch and transformers load when a command runs, so `logitcache --help` stays fa
 from __future__ import annotations
 
 import json
-import types
-import typing
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, KDSettings, TrainConfig, load_config_file
+from logitcache.storage.options import ConfigFileError, config_options, load_config_file
+from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, KDSettings, TrainConfig
 
 __all__ = ["train_student", "eval_cmd"]
 
 _CHOICES = {"loss": LOSSES, "schedule": SCHEDULES, "dtype": DTYPES}
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _click_type(name: str) -> Any:
-    if name in _CHOICES:
-        return click.Choice(_CHOICES[name])
-    hint = _HINTS[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    return {int: int, float: float, str: str}[args[0]]
-
-
-def _config_options(func: Any) -> Any:
-    """One click option per TrainConfig field (1:1, help from the field), all defaulting to "not given" (None)."""
-    for f in reversed([f for f in fields(TrainConfig) if f.init]):
-        flag = "--" + f.name.replace("_", "-")
-        default = "" if f.default is MISSING else f" [default: {f.default}]"
-        help_text = f.metadata.get("help", "") + default
-        if _HINTS[f.name] is bool:
-            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-        else:
-            opt = click.option(flag, f.name, type=_click_type(f.name), default=None, help=help_text)
-        func = opt(func)
-    return func
 
 
 def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
     """File values, overridden by the flags given on the command line."""
-    values: dict[str, Any] = load_config_file(config_file) if config_file else {}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    try:
+        values: dict[str, Any] = load_config_file(config_file, section="train") if config_file else {}
+    except ConfigFileError as e:
+        raise ConfigError(str(e)) from None
     values.update({k: v for k, v in flags.items() if v is not None})
     for required in ("cache", "student", "output"):
         values.setdefault(required, "")
@@ -54,7 +31,7 @@ def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:
 
 @click.command("train-student")
 @click.option("--config", "config_file", default=None, help="YAML/JSON file of options (flag names); flags override.")
-@_config_options
+@config_options(TrainConfig, choices=_CHOICES)
 def train_student(config_file: str | None, **flags: Any) -> None:
     """Distill a student from a teacher-logit cache: the teacher is not needed.
 

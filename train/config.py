@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -17,7 +15,6 @@ __all__ = [
     "KDSettings",
     "DEFAULT_KD",
     "ConfigError",
-    "load_config_file",
     "parse_batch_size",
 ]
 
@@ -302,25 +299,3 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML or JSON file (a mapping of flag names to values)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"`--config {path}`: no such file")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        doc = yaml.safe_load(text)
-    else:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"`--config {path}`: not valid JSON ({e}); use .yaml/.yml for YAML") from None
-    if isinstance(doc, dict) and isinstance(doc.get("train"), dict):
-        doc = doc["train"]  # a run's own config.json: {"train": {...}, "resolved": {...}}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"`--config {path}`: expected a mapping of options, got {type(doc).__name__}")
-    return {k: v for k, v in doc.items() if k not in ("batch_unit", "batch_count")}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from logitcache.pipeline.config import CaptureConfig
+from logitcache.storage.options import ConfigFileError
 
 BASE = {"teacher": "t", "dataset": "d.jsonl", "output": "out"}
 
@@ -57,5 +58,5 @@ def test_unknown_setting_in_file_is_refused(tmp_path: Path) -> None:
     bad.write_text("teacher: t\ntopk: 8\n")
     with pytest.raises(ValueError, match=r"unknown capture setting\(s\) \['topk'\]"):
         CaptureConfig.from_sources(bad)
-    with pytest.raises(FileNotFoundError, match="--config file"):
+    with pytest.raises(ConfigFileError, match="no such file"):
         CaptureConfig.from_sources(tmp_path / "missing.yaml")
