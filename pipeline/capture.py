@@ -79,7 +79,12 @@ def resolve_max_seq_len(cfg: CaptureConfig, teacher: TeacherInfo) -> int:
 
 
 def build_header(
-    cfg: CaptureConfig, teacher: TeacherInfo, data: LoadedDataset, max_seq_len: int, engine_version: str
+    cfg: CaptureConfig,
+    teacher: TeacherInfo,
+    data: LoadedDataset,
+    max_seq_len: int,
+    engine_version: str,
+    tail_method: str,
 ) -> dict[str, Any]:
     """The cache identity (teacher, tokenizer, capture settings, dataset) plus the resolved config."""
     tok = teacher.tokenizer
@@ -108,6 +113,7 @@ def build_header(
             "overflow": cfg.overflow,
             "window_overlap": 1,
             "temperature": 1.0,
+            "tail_method": tail_method,
             "chat_template_sha256": chat_template_sha256(tok) if cfg.messages_field else None,
             "add_special_tokens": cfg.messages_field is None,
         },
@@ -134,6 +140,20 @@ def _engine_version(backend: str) -> str:
         except PackageNotFoundError:
             continue
     raise ValueError(f"`--backend {backend}` needs {dist}, which is not installed; pip install 'logitcache[vllm]'")
+
+
+def _tail_method(cfg: CaptureConfig, backend: TeacherBackend | None) -> str:
+    """How the engine computes `tail_mass` (`capture.tail_method`); known before a lazily started engine runs."""
+    from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL
+
+    if cfg.backend == "hf":
+        return ENGINE_TAIL  # hf.topk_with_tail: logsumexp of the full log-softmax outside the top-k
+    method = getattr(backend, "tail_method", None)  # a running vllm_backend.VLLMBackend knows its own
+    if method is not None:
+        return str(method)
+    from logitcache.pipeline.backends.vllm_backend import vllm_tail_method
+
+    return vllm_tail_method(_engine_version("vllm").split()[-1], cfg.engine_args)
 
 
 def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> TeacherBackend:
@@ -207,7 +227,7 @@ def run_capture(
     _check_settings(cfg, teacher)
     max_seq_len = resolve_max_seq_len(cfg, teacher)
     data = load_rows(cfg.dataset, cfg.split, cfg.limit)
-    header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend))
+    header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend), _tail_method(cfg, backend))
     state = open_capture(cache_dir, header)
     if not (cache_dir / "tokenizer").exists():
         # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout

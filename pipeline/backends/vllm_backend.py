@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from logitcache.pipeline.backends import vllm_tail
+from logitcache.pipeline.backends.vllm_cpu import BIND_ENV, default_cpu_binding
 from logitcache.pipeline.data import TokenWindow
 from logitcache.storage import CachedSequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VLLMBackend", "decode_flat_prompt_logprobs", "tail_from_topk"]
+__all__ = ["VLLMBackend", "decode_flat_prompt_logprobs", "tail_from_topk", "vllm_tail_method"]
 
 CPU_MEMORY_UTILIZATION = 0.3  # on CPU vLLM reserves this share of RAM for its KV cache
 GPU_MEMORY_UTILIZATION = 0.9
 
 
+def vllm_tail_method(vllm_version: str, engine_args: Mapping[str, Any]) -> str:
+    """How a vLLM engine with these settings computes the tail mass (the cache header's `capture.tail_method`)."""
+    reason = vllm_tail.engine_tail_unavailable(vllm_version, engine_args)
+    if reason is not None:
+        logger.warning("tail mass computed from the top-k (%s): %s", vllm_tail.HEAD_SUM_TAIL, reason)
+        return vllm_tail.HEAD_SUM_TAIL
+    return vllm_tail.ENGINE_TAIL
+
+
 def tail_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:
     """Mass outside the top-k from full-vocabulary-normalised top-k log-probs: float32 [P] from float [P, k].
 
-    vLLM returns only the top-k, so the tail is 1 - sum(exp(head)) = -expm1(logsumexp(head)), evaluated in float64
-    (expm1 keeps the small-tail end accurate to the float32 rounding of the head log-probs, ~1e-7 absolute).
+    The fallback where the in-engine tail (vllm_tail.py) is unavailable: 1 - sum(exp(head)) = -expm1(logsumexp(head)),
+    evaluated in float64, is only as exact as the float32 head log-probs, ~1e-7 absolute: a tail below that comes out
+    as 0 (a confident position's top-1 log-prob rounds to 0), and one of 1e-7..1e-4 with percent-level error.
     """
     lp = topk_logprobs.astype(np.float64)
     m = lp.max(axis=1, keepdims=True)
@@ -64,6 +79,31 @@ def _is_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while vLLM starts its processes (they inherit them), then restore the old ones."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _prepare_environ(tensor_parallel_size: int, pipeline_parallel_size: int, engine_tail: bool) -> dict[str, str]:
+    """Environment variables for the engine's processes while they start: a CPU thread binding (vllm_cpu.py)."""
+    if engine_tail and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+        # The in-engine tail wraps the V1 model runner (the CPU runner is one); GPUs may default to V2. Set for
+        # the process, not just the start: the frontend reads it per request as well.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    binding = default_cpu_binding(tensor_parallel_size, pipeline_parallel_size) if _is_cpu() else None
+    return {BIND_ENV: binding} if binding else {}
+
+
 class VLLMBackend:
     """vLLM `LLM` teacher (tensor/pipeline parallel on GPUs; the vllm-cpu build on CPU)."""
 
@@ -97,6 +137,10 @@ class VLLMBackend:
             if not vllm_raw.install():
                 logprobs_path = "flat"
         self.logprobs_path = logprobs_path
+        engine_args = engine_args or {}
+        self.tail_method = vllm_tail_method(vllm.__version__, engine_args)
+        engine_tail = self.tail_method == vllm_tail.ENGINE_TAIL
+        env = _prepare_environ(tensor_parallel_size, pipeline_parallel_size, engine_tail)
         if gpu_memory_utilization is None:
             gpu_memory_utilization = CPU_MEMORY_UTILIZATION if _is_cpu() else GPU_MEMORY_UTILIZATION
         kwargs: dict[str, Any] = {
@@ -106,7 +150,8 @@ class VLLMBackend:
             "dtype": dtype,
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,
-            "max_logprobs": top_k,
+            # the in-engine tail travels as one more prompt log-prob column (vllm_tail.py)
+            "max_logprobs": top_k + 1 if engine_tail else top_k,
             # Each prompt is scored once; a prefix cache only costs memory (and caches no prompt log-probs).
             "enable_prefix_caching": False,
             "gpu_memory_utilization": gpu_memory_utilization,
@@ -114,22 +159,50 @@ class VLLMBackend:
             "trust_remote_code": trust_remote_code,
             "seed": 0,
         }
-        kwargs.update(engine_args or {})
+        if engine_tail:
+            kwargs["worker_extension_cls"] = vllm_tail.EXTENSION_CLS
+        kwargs.update(engine_args)
         self.max_model_len = max_model_len
-        self.llm = LLM(**kwargs)
+        with _environ(env):
+            self.llm = LLM(**kwargs)
         engine_max = self.llm.llm_engine.model_config.max_logprobs
-        if engine_max not in (-1, None) and engine_max < top_k:
-            raise ValueError(f"`--top-k` {top_k} exceeds the engine's max_logprobs {engine_max}")
+        if engine_max not in (-1, None) and engine_max < kwargs["max_logprobs"]:
+            raise ValueError(
+                f"`--top-k` {top_k} needs the engine's max_logprobs >= {kwargs['max_logprobs']}, it is {engine_max}"
+            )
+        if engine_tail:
+            self._install_engine_tail()
         self.params = self._params(top_k)
+
+    def _install_engine_tail(self) -> None:
+        """Wrap every worker's model runner; the header already promised the in-engine tail, so failing is an error."""
+        problems = sorted({p for p in self.llm.collective_rpc("logitcache_install_tail") if p})
+        if problems:
+            self.close()
+            raise RuntimeError(
+                "the in-engine tail mass could not be set up in vLLM's workers: " + "; ".join(problems) + ". "
+                f"Report it with your vLLM version; vLLM versions other than {vllm_tail.TESTED_VLLM_VERSIONS} use the "
+                "top-k tail instead"
+            )
 
     def _params(self, k: int) -> Any:
         from vllm import SamplingParams
 
         from logitcache.pipeline.backends.vllm_raw import RAW_FLAG
 
-        extra = {RAW_FLAG: True} if self.logprobs_path == "raw" else None
+        extra: dict[str, Any] = {}
+        if self.logprobs_path == "raw":
+            extra[RAW_FLAG] = True
+        engine_tail = self.tail_method == vllm_tail.ENGINE_TAIL
+        if engine_tail:
+            extra[vllm_tail.TAIL_FLAG] = True
         return SamplingParams(
-            max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False, temperature=1.0, extra_args=extra
+            max_tokens=1,
+            prompt_logprobs=k + 1 if engine_tail else k,
+            flat_logprobs=True,
+            detokenize=False,
+            temperature=1.0,
+            extra_args=extra or None,
         )
 
     def capture(self, windows: list[TokenWindow], top_k: int | None = None) -> list[CachedSequence]:
@@ -150,26 +223,31 @@ class VLLMBackend:
                 )
         prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        out = []
-        for w, o in zip(windows, outputs):
-            if self.logprobs_path == "raw":
-                from logitcache.pipeline.backends.vllm_raw import decode_raw_prompt_logprobs
+        return [self.decode(o, w, k) for w, o in zip(windows, outputs)]
 
-                ids, lps, target = decode_raw_prompt_logprobs(o.prompt_logprobs, w.input_ids, k)
-            else:
-                ids, lps, target = decode_flat_prompt_logprobs(o.prompt_logprobs, w.input_ids, k)
-            out.append(
-                CachedSequence(
-                    sequence_id=w.sequence_id,
-                    input_ids=w.input_ids,
-                    loss_mask=w.loss_mask,
-                    topk_ids=ids,
-                    topk_logprobs=lps,
-                    target_logprobs=target,
-                    tail_mass=tail_from_topk(lps),
-                )
-            )
-        return out
+    def decode(self, output: Any, window: TokenWindow, k: int) -> CachedSequence:
+        """One `RequestOutput` of `capture`'s `generate` call (top-`k` params of this engine) -> its sequence."""
+        engine_tail = self.tail_method == vllm_tail.ENGINE_TAIL
+        width = k + 1 if engine_tail else k  # log-prob columns after the actual token's
+        if self.logprobs_path == "raw":
+            from logitcache.pipeline.backends.vllm_raw import decode_raw_prompt_logprobs
+
+            ids, lps, target = decode_raw_prompt_logprobs(output.prompt_logprobs, window.input_ids, width)
+        else:
+            ids, lps, target = decode_flat_prompt_logprobs(output.prompt_logprobs, window.input_ids, width)
+        if engine_tail:
+            ids, lps, tail = vllm_tail.split_tail_column(ids, lps)
+        else:
+            tail = tail_from_topk(lps)
+        return CachedSequence(
+            sequence_id=window.sequence_id,
+            input_ids=window.input_ids,
+            loss_mask=window.loss_mask,
+            topk_ids=ids,
+            topk_logprobs=lps,
+            target_logprobs=target,
+            tail_mass=tail,
+        )
 
     def close(self) -> None:
         # Shut the engine core and workers down now rather than at interpreter exit.

@@ -2,6 +2,7 @@
 
 Tolerance: both run the float32 checkpoint in float32; the engines differ in kernels (attention, matmul blocking)
 only, so log-probs agree to 1e-4 nats and top-k sets agree except where two candidates tie within that tolerance.
+Both compute the tail as a log-sum-exp outside the top-k (vLLM inside its model runner: vllm_tail.py).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def test_vllm_capture_end_to_end(
     header = CacheReader(tmp_path / "cache").manifest
     assert header["teacher"]["backend"] == "vllm" and header["teacher"]["dtype"] == "float32"
     assert header["teacher"]["engine_version"].startswith("vllm ")
+    assert header["capture"]["tail_method"] == vllm_engine.tail_method == "engine_complement_lse"
     # Same rows, same windows and masks as the HF-made chat fixture; distributions agree after quantization too.
     vllm_seqs = {s.sequence_id: s for s in CacheReader(tmp_path / "cache").iter_sequences()}
     hf_seqs = {s.sequence_id: s for s in CacheReader(tiny_chat_cache_dir).iter_sequences()}
