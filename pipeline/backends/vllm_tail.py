@@ -49,8 +49,6 @@ TAIL_FLAG = "logitcache_engine_tail"
 TAIL_TOKEN_ID = -1  # id of the appended column: no token has it, so a missing wrapper cannot go unnoticed
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 EXTENSION_CLS = f"{__name__}.TailWorkerExtension"
-# Rows of [rows, vocab] float32 log-probs copied at a time for the masked logsumexp (512 MiB at a 128k vocabulary).
-_ROWS_PER_CHUNK = 1024
 _PROMPT_LOGPROB_MODES = ("raw_logprobs", "processed_logprobs")  # prompt tokens skip processors: both are log-probs
 
 
@@ -156,19 +154,22 @@ def _prompt_logprobs_with_tail(
 def _gather_with_tail(logprobs: Any, num_logprobs: int, token_ids: Any) -> Any:
     """vLLM's gather of the top-(num_logprobs - 1) plus a last column (TAIL_TOKEN_ID, log of the mass outside them).
 
-    logprobs: float32 [n, V] full-vocabulary log-probs; token_ids: int64 [n] prompt targets.
+    logprobs: float32 [n, V] full-vocabulary log-probs, overwritten; token_ids: int64 [n] prompt targets.
+    log tail = m + log(sum over the complement of exp(logprob - m)), m = the k-th log-prob: every complement term is
+    <= 1, so nothing overflows, and the sum has no cancellation (~1e-7 relative error, as a masked logsumexp).
+    In place: vLLM's loop reads the log-probs no more after this gather (0.32), and an in-place pass costs 80 ms per
+    1024 x 32k positions on one CPU core where a masked copy + logsumexp costs 360 ms (log_softmax: 185 ms), and
+    needs no memory beyond vLLM's own.
     """
     import torch
     from vllm.v1.outputs import LogprobsTensors
     from vllm.v1.sample.sampler import Sampler
 
     ids, lps, ranks, *_ = Sampler.gather_logprobs(logprobs, num_logprobs - 1, token_ids)
-    topk = ids[:, 1:]
-    log_tail = torch.cat(
-        [
-            logprobs[s : s + _ROWS_PER_CHUNK].scatter(1, topk[s : s + _ROWS_PER_CHUNK], float("-inf")).logsumexp(-1)
-            for s in range(0, logprobs.shape[0], _ROWS_PER_CHUNK)
-        ]
-    )
+    # -inf when k reaches past the finite log-probs; then the complement is all -inf and the tail 0
+    shift = lps[:, -1:].clamp(min=torch.finfo(logprobs.dtype).min)
+    terms = logprobs.sub_(shift).exp_()  # head terms may overflow to inf: they are zeroed next
+    terms.scatter_(1, ids[:, 1:], 0.0)
+    log_tail = shift[:, 0] + terms.sum(dim=-1).log()
     sentinel = torch.full((ids.shape[0], 1), TAIL_TOKEN_ID, dtype=ids.dtype, device=ids.device)
     return LogprobsTensors(torch.cat([ids, sentinel], 1), torch.cat([lps, log_tail[:, None].to(lps.dtype)], 1), ranks)
