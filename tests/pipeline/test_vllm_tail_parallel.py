@@ -194,10 +194,16 @@ def test_cpu_threads_binding_splits_the_cores() -> None:
 
 
 def test_default_cpu_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitcache.pipeline.backends import vllm_cpu
+
     monkeypatch.delenv(BIND_ENV, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(vllm_cpu, "_numa_nodes", lambda: 1)
     assert default_cpu_binding(1, 1) is None  # one worker: vLLM's own auto-binding works
-    assert default_cpu_binding(2, 1) in (None, "0-1|2-3")  # None where the machine has a NUMA node per worker
+    assert default_cpu_binding(2, 1) == "0-1|2-3"
+    assert default_cpu_binding(1, 2) == "0-1|2-3"
+    monkeypatch.setattr(vllm_cpu, "_numa_nodes", lambda: 2)
+    assert default_cpu_binding(2, 1) is None  # a NUMA node per worker: vLLM's auto-binding is the better one
     with pytest.raises(ValueError, match=r"`--tensor-parallel-size 2` x `--pipeline-parallel-size 4` = 8 vLLM CPU"):
         default_cpu_binding(2, 4)
     monkeypatch.setenv(BIND_ENV, "0|1")
