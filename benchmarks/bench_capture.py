@@ -5,8 +5,9 @@ Measured side by side on one engine and the same prompts:
      prompt processing, at k = 8, 64, 128;
   2. a tiny Llama (same vocabulary, negligible forward): overhead per token at k = 128, i.e.
      (capture wall time - plain wall time) / tokens, split into vLLM's part and our numpy decode.
-Capture path measured: `prompt_logprobs=k, flat_logprobs=True, detokenize=False` + `decode_flat_prompt_logprobs`
-+ `tail_from_topk` (VLLMBackend.capture), the baseline every vLLM-based cacher uses.
+Capture path measured: VLLMBackend.capture, i.e. `prompt_logprobs=k+1, flat_logprobs=True, detokenize=False` with the
+in-engine tail column (vllm_tail.py: the complement log-sum-exp in each worker) + VLLMBackend.decode, against vLLM's
+plain prompt processing.
 
     python benchmarks/bench_capture.py [--quick] [--json out.json]
 """
@@ -94,14 +95,12 @@ def run_model(model: Path, windows: list[Any], ks: list[int], reps: int) -> dict
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from logitcache.pipeline.backends.vllm_backend import VLLMBackend, decode_flat_prompt_logprobs, tail_from_topk
-    from logitcache.pipeline.backends.vllm_raw import decode_raw_prompt_logprobs
+    from logitcache.pipeline.backends.vllm_backend import VLLMBackend
 
     length = max(len(w.input_ids) for w in windows)
     # "raw" installs the passthrough patch; it only acts on requests that ask for it, so "flat" runs unchanged.
     engine = VLLMBackend(str(model), dtype="float32", top_k=max(ks), max_model_len=length + 1, logprobs_path="raw")
     assert engine.logprobs_path == "raw", "the raw path is not available on this vLLM version"
-    decoders = {"flat": decode_flat_prompt_logprobs, "raw": decode_raw_prompt_logprobs}
     tokens = sum(len(w.input_ids) for w in windows)
     token_prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
     plain_params = SamplingParams(max_tokens=1, detokenize=False)
@@ -117,8 +116,7 @@ def run_model(model: Path, windows: list[Any], ks: list[int], reps: int) -> dict
                 outputs = engine.llm.generate(token_prompts, engine._params(k), use_tqdm=False)
                 t0 = time.perf_counter()
                 for w, o in zip(windows, outputs):
-                    _, lps, _ = decoders[path](o.prompt_logprobs, w.input_ids, k)
-                    tail_from_topk(lps)
+                    engine.decode(o, w, k)
                 decode = time.perf_counter() - t0
                 out[f"{path}:k{k}"] = {
                     "capture_seconds": capture,
