@@ -9,14 +9,24 @@ from logitcache.storage.cache import (
     done_sequence_ids,
     finalize_cache,
     open_capture,
+    write_cache,
     write_replica_summary,
 )
 from logitcache.storage.codec import DEFAULT_CODEC, LogprobCodec, parse_codec
 from logitcache.storage.fingerprint import sha256_file, tokenizer_fingerprint
+from logitcache.storage.invariants import VALUE_TOLERANCE
+from logitcache.storage.layout import CacheLayout, replica_prefix
 from logitcache.storage.lm_head import LMHeadTransform
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.records import WINDOW_BITS, CachedSequence, DecodedBatch, document_id
-from logitcache.storage.schema import FORMAT_VERSION, CacheFormatError
+from logitcache.storage.schema import (
+    FORMAT_VERSION,
+    CacheFormatError,
+    IdentityMismatchError,
+    NotFinalizedError,
+    PendingReplicasError,
+    ShardEntry,
+)
 from logitcache.storage.verify import VerifyReport, verify_cache
 from logitcache.storage.writer import ShardWriter
 
@@ -25,13 +35,19 @@ __all__ = [
     "FORMAT_VERSION",
     "WINDOW_BITS",
     "CacheFormatError",
+    "CacheLayout",
     "CacheReader",
     "CachedSequence",
     "CaptureState",
     "DecodedBatch",
+    "IdentityMismatchError",
     "LMHeadTransform",
     "LogprobCodec",
+    "NotFinalizedError",
+    "PendingReplicasError",
+    "ShardEntry",
     "ShardWriter",
+    "VALUE_TOLERANCE",
     "VerifyReport",
     "complete_shards",
     "document_id",
@@ -39,8 +55,10 @@ __all__ = [
     "finalize_cache",
     "open_capture",
     "parse_codec",
+    "replica_prefix",
     "sha256_file",
     "tokenizer_fingerprint",
     "verify_cache",
+    "write_cache",
     "write_replica_summary",
 ]

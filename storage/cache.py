@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,21 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from logitcache.storage.fingerprint import sha256_file
+from logitcache.storage.layout import CacheLayout
+from logitcache.storage.records import CachedSequence
 from logitcache.storage.schema import (
     CAPTURE_NAME,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     REPLICAS_DIR,
     SHARDS_DIR,
     CacheFormatError,
+    IdentityMismatchError,
+    PendingReplicasError,
+    ShardEntry,
+    shard_entry,
     validate_header,
 )
-from logitcache.storage.writer import atomic_write_json, shard_name_re
+from logitcache.storage.writer import ShardWriter, atomic_write_json, shard_name_re
 
 __all__ = [
     "CaptureState",
@@ -33,6 +38,7 @@ __all__ = [
     "done_sequence_ids",
     "write_replica_summary",
     "finalize_cache",
+    "write_cache",
     "IDENTITY_SECTIONS",
     "logitcache_version",
 ]
@@ -91,21 +97,23 @@ def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureSta
     Raises CacheFormatError when the directory holds something else, or a cache made with other settings
     (naming each differing field), so a rerun can never mix two teachers' outputs in one cache.
     """
-    root = Path(cache_dir)
+    layout = CacheLayout(Path(cache_dir))
+    root = layout.root
     header = {"format_version": FORMAT_VERSION, "logitcache_version": logitcache_version(), **header}
     validate_header(header, "capture header")
-    capture_path = root / CAPTURE_NAME
+    capture_path = layout.capture
     if capture_path.exists():
         existing = _read_json(capture_path)
         old, new = _identity(existing), _identity(header)
         diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if diffs:
             detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs[:8])
-            raise CacheFormatError(
+            raise IdentityMismatchError(
                 f"{root} already holds a cache made with different settings ({detail}). "
-                "Use another --output directory, or delete this one to recapture."
+                "Use another --output directory, or delete this one to recapture.",
+                diffs,
             )
-        return CaptureState(root, existing, (root / MANIFEST_NAME).exists())
+        return CaptureState(root, existing, layout.manifest.exists())
     if root.exists() and not root.is_dir():
         raise CacheFormatError(f"{root} is a file, not a cache directory; choose a new --output directory")
     # Entries another replica may have made while creating this same cache a moment ago (capture.json comes
@@ -124,38 +132,38 @@ def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureSta
     root.mkdir(parents=True, exist_ok=True)
     header = {**header, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(capture_path, header)  # first: from now on the directory is recognisably a cache
-    (root / SHARDS_DIR).mkdir(exist_ok=True)
-    (root / REPLICAS_DIR).mkdir(exist_ok=True)
+    layout.shards_dir.mkdir(exist_ok=True)
+    layout.replicas_dir.mkdir(exist_ok=True)
     return CaptureState(root, header, False)
 
 
-def describe_shard(path: Path) -> dict[str, Any]:
+def describe_shard(path: Path) -> ShardEntry:
     """Sidecar metadata recomputed from a complete shard file (when a process died before writing it)."""
     pf = pq.ParquetFile(path)
     table = pf.read(columns=["sequence_id", "input_ids"])
     ids = table.column("sequence_id").to_numpy()
     lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
-    return {
-        "path": f"{SHARDS_DIR}/{path.name}",
-        "num_sequences": len(ids),
-        "num_tokens": int(lengths.sum()),
-        "num_row_groups": pf.metadata.num_row_groups,
-        "num_bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "sequence_id_min": int(ids.min()),
-        "sequence_id_max": int(ids.max()),
-    }
+    return ShardEntry(
+        path=f"{SHARDS_DIR}/{path.name}",
+        num_sequences=len(ids),
+        num_tokens=int(lengths.sum()),
+        num_row_groups=pf.metadata.num_row_groups,
+        num_bytes=path.stat().st_size,
+        sha256=sha256_file(path),
+        sequence_id_min=int(ids.min()),
+        sequence_id_max=int(ids.max()),
+    )
 
 
-def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[dict[str, Any]]:
-    """Sidecar dicts of the finished shards (all, or one replica's `prefix`), sorted by path.
+def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[ShardEntry]:
+    """Entries (sidecars) of the finished shards (all, or one replica's `prefix`), sorted by path.
 
     Deletes that prefix's half-written `*.tmp` files (a killed writer's leftovers) and rewrites missing sidecars.
     """
-    shard_dir = Path(cache_dir) / SHARDS_DIR
+    shard_dir = CacheLayout(Path(cache_dir)).shards_dir
     if not shard_dir.is_dir():
         return []
-    out = []
+    out: list[ShardEntry] = []
     for p in sorted(shard_dir.iterdir()):
         if p.name.endswith(".tmp"):
             m = shard_name_re.match(p.name.removesuffix(".tmp"))
@@ -168,7 +176,7 @@ def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[di
             continue
         sidecar = p.with_name(p.name + ".json")
         if sidecar.exists():
-            out.append(_read_json(sidecar))
+            out.append(shard_entry(_read_json(sidecar), str(sidecar)))
         else:
             info = describe_shard(p)
             atomic_write_json(sidecar, info)
@@ -176,46 +184,43 @@ def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[di
     return out
 
 
-def done_sequence_ids(cache_dir: str | Path, shards: list[dict[str, Any]]) -> np.ndarray:
+def done_sequence_ids(cache_dir: str | Path, shards: Sequence[ShardEntry]) -> np.ndarray:
     """int64 ids of every sequence stored in `shards` (reads only the sequence_id column)."""
     root = Path(cache_dir)
     parts = [pq.read_table(root / s["path"], columns=["sequence_id"]).column(0).to_numpy() for s in shards]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _summary_path(root: Path, replica: int, num_replicas: int) -> Path:
-    return root / REPLICAS_DIR / f"r{replica:03d}-of-{num_replicas:03d}.json"
-
-
 def write_replica_summary(
     cache_dir: str | Path, *, replica: int, num_replicas: int, summary: Mapping[str, Any]
 ) -> None:
     """Records that replica `replica` of `num_replicas` finished (rows seen, skipped rows by reason, ...)."""
-    root = Path(cache_dir)
-    (root / REPLICAS_DIR).mkdir(exist_ok=True)
+    layout = CacheLayout(Path(cache_dir))
+    layout.replicas_dir.mkdir(exist_ok=True)
     atomic_write_json(
-        _summary_path(root, replica, num_replicas), {"replica": replica, "num_replicas": num_replicas, **summary}
+        layout.replica_summary(replica, num_replicas), {"replica": replica, "num_replicas": num_replicas, **summary}
     )
 
 
 def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
     """Merges every replica's shards into manifest.json (written last, atomically) and returns it.
 
-    Raises CacheFormatError when a replica has not finished or a sequence id appears twice.
+    Raises PendingReplicasError when a replica has not finished, CacheFormatError when a sequence id appears twice.
     """
-    root = Path(cache_dir)
-    capture_path = root / CAPTURE_NAME
-    if not capture_path.exists():
+    layout = CacheLayout(Path(cache_dir))
+    root = layout.root
+    if not layout.capture.exists():
         raise CacheFormatError(f"{root} is not a logitcache cache (no {CAPTURE_NAME}): nothing to finalize")
-    header = _read_json(capture_path)
+    header = _read_json(layout.capture)
     n = int(header.get("num_replicas", 1))
-    missing = [i for i in range(n) if not _summary_path(root, i, n).exists()]
+    missing = [i for i in range(n) if not layout.replica_summary(i, n).exists()]
     if missing:
-        raise CacheFormatError(
+        raise PendingReplicasError(
             f"{root}: replica(s) {missing} of {n} have not finished; rerun cache-teacher with "
-            f"--replica I --num-replicas {n} for each, then finalize"
+            f"--replica I --num-replicas {n} for each, then finalize",
+            missing,
         )
-    summaries = [_read_json(_summary_path(root, i, n)) for i in range(n)]
+    summaries = [_read_json(layout.replica_summary(i, n)) for i in range(n)]
     shards = complete_shards(root)
     ids = done_sequence_ids(root, shards)
     uniq, counts = np.unique(ids, return_counts=True)
@@ -243,5 +248,27 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
         "replicas": summaries,
         "shards": shards,
     }
-    atomic_write_json(root / MANIFEST_NAME, manifest)
+    atomic_write_json(layout.manifest, manifest)
     return manifest
+
+
+def write_cache(
+    cache_dir: str | Path, header: Mapping[str, Any], sequences: Iterable[CachedSequence], **writer_kwargs: Any
+) -> dict[str, Any]:
+    """A finished one-replica cache of `sequences` (open, write, replica summary, finalize); returns the manifest.
+
+    `writer_kwargs` go to ShardWriter (top_k and codec come from `header`; vocab_size defaults to the padded one).
+    For synthetic caches in tests and benchmarks; a real capture is `logitcache.pipeline.run_capture`.
+    """
+    if header.get("num_replicas", 1) != 1:
+        raise ValueError(f"write_cache writes one replica, but the header says num_replicas={header['num_replicas']}")
+    open_capture(cache_dir, header)
+    capture = header["capture"]
+    writer_kwargs.setdefault("vocab_size", header["tokenizer"]["padded_vocab_size"])
+    rows = 0
+    with ShardWriter(cache_dir, top_k=capture["top_k"], codec=capture["codec"], **writer_kwargs) as writer:
+        for seq in sequences:
+            writer.write(seq)
+            rows += 1
+    write_replica_summary(cache_dir, replica=0, num_replicas=1, summary={"rows": rows, "skipped": {}})
+    return finalize_cache(cache_dir)

@@ -66,7 +66,9 @@ def _fmt_bytes(n: float) -> str:
 
 def _load_tokenizer(cache_dir: str, name: str | None) -> Any:
     """A `tokenizers.Tokenizer` from the cache's own copy or the recorded local dir, or None (ids only)."""
-    for folder in (Path(cache_dir) / "tokenizer", Path(name) if name else None):
+    from logitcache.storage.layout import CacheLayout
+
+    for folder in (CacheLayout(Path(cache_dir)).tokenizer_dir, Path(name) if name else None):
         if folder is not None and (folder / "tokenizer.json").exists():
             try:
                 from tokenizers import Tokenizer

@@ -21,6 +21,7 @@ from logitcache.storage.schema import (
     COLUMNS,
     MANIFEST_NAME,
     CacheFormatError,
+    NotFinalizedError,
     arrow_schema,
     validate_manifest,
 )
@@ -100,7 +101,7 @@ class CacheReader:
         info = self._fs.get_file_info(manifest_path)
         if info.type != pafs.FileType.File:
             if self._fs.get_file_info(f"{self._root}/{CAPTURE_NAME}").type == pafs.FileType.File:
-                raise CacheFormatError(
+                raise NotFinalizedError(
                     f"{self.path}: the capture has not been finalized (no {MANIFEST_NAME}); finish every replica of "
                     f"cache-teacher, or run `logitcache finalize {self.path}`"
                 )
@@ -131,6 +132,10 @@ class CacheReader:
 
     def shard_path(self, shard_index: int) -> str:
         return f"{self._root}/{self.shards[shard_index]['path']}"
+
+    def open_shard_stream(self, shard_index: int) -> pa.NativeFile:
+        """The shard file's raw bytes as a stream (for checksums); raises OSError when it cannot be opened."""
+        return self._fs.open_input_stream(self.shard_path(shard_index))
 
     def _damaged(self, shard_index: int, what: str, err: Exception) -> CacheFormatError:
         return CacheFormatError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pyarrow as pa
 
@@ -15,11 +15,18 @@ __all__ = [
     "SHARDS_DIR",
     "CAPTURE_NAME",
     "REPLICAS_DIR",
+    "TOKENIZER_DIR",
+    "LOGS_DIR",
     "COLUMNS",
+    "ShardEntry",
+    "shard_entry",
     "arrow_schema",
     "validate_header",
     "validate_manifest",
     "CacheFormatError",
+    "IdentityMismatchError",
+    "PendingReplicasError",
+    "NotFinalizedError",
 ]
 
 FORMAT_VERSION = 1
@@ -27,6 +34,8 @@ MANIFEST_NAME = "manifest.json"
 CAPTURE_NAME = "capture.json"  # the cache's identity, written first; see FORMAT.md
 SHARDS_DIR = "shards"
 REPLICAS_DIR = "replicas"
+TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, so the cache is self-contained
+LOGS_DIR = "logs"
 
 # Parquet columns, in file order.
 COLUMNS = (
@@ -42,6 +51,53 @@ COLUMNS = (
 
 class CacheFormatError(ValueError):
     """A cache (or one of its files) does not follow the format; the message names the file and the fix."""
+
+
+class IdentityMismatchError(CacheFormatError):
+    """The directory holds a cache made with other settings; `differences` names each differing field."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+class PendingReplicasError(CacheFormatError):
+    """The cache cannot be finalized yet: the replicas in `missing` have not finished."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class NotFinalizedError(CacheFormatError):
+    """A capture in progress (capture.json, no manifest.json) was opened for reading."""
+
+
+class _ShardEntryRequired(TypedDict):
+    path: str  # relative to the cache directory: shards/{prefix}-{NNNNNN}.parquet
+    num_sequences: int
+    num_tokens: int
+    num_bytes: int
+    sha256: str
+    sequence_id_min: int
+    sequence_id_max: int
+
+
+class ShardEntry(_ShardEntryRequired, total=False):
+    """One shard's entry in the manifest (and its sidecar `{shard}.json`); FORMAT.md "Manifest" names each field."""
+
+    num_row_groups: int
+
+
+_SHARD_ENTRY_REQUIRED = [f for f in _ShardEntryRequired.__annotations__ if f in ShardEntry.__required_keys__]
+
+
+def shard_entry(doc: Mapping[str, Any], where: str) -> ShardEntry:
+    """`doc` as a ShardEntry, checked to hold every required field; raises CacheFormatError naming `where`."""
+    lack = [f for f in _SHARD_ENTRY_REQUIRED if f not in doc]
+    if lack:
+        raise CacheFormatError(f"{where} lacks {', '.join(lack)}")
+    return cast(ShardEntry, dict(doc))
 
 
 def arrow_schema(codec_name: str) -> pa.Schema:
@@ -108,18 +164,4 @@ def validate_manifest(doc: Mapping[str, Any], where: str) -> None:
     if missing:
         raise CacheFormatError(f"{where}: missing field(s) {', '.join(missing)}; was the capture finalized?")
     for i, shard in enumerate(doc["shards"]):
-        lack = [
-            f
-            for f in (
-                "path",
-                "num_sequences",
-                "num_tokens",
-                "num_bytes",
-                "sha256",
-                "sequence_id_min",
-                "sequence_id_max",
-            )
-            if f not in shard
-        ]
-        if lack:
-            raise CacheFormatError(f"{where}: shards[{i}] lacks {', '.join(lack)}")
+        shard_entry(shard, f"{where}: shards[{i}]")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.storage.codec import LogprobCodec
+from logitcache.storage.invariants import value_problems
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.records import DecodedBatch
 from logitcache.storage.schema import CacheFormatError
@@ -41,28 +42,10 @@ def head_mass_tolerance(codec: LogprobCodec, probs: np.ndarray) -> np.ndarray:
 
 
 def _check_batch(b: DecodedBatch, reader: CacheReader) -> list[str]:
-    problems = []
-    vocab = reader.padded_vocab_size
-    if b.input_ids.size and (b.input_ids.min() < 0 or b.input_ids.max() >= vocab):
-        problems.append(f"input_ids outside [0, {vocab})")
-    ids = b.topk_ids
-    if ids.size and (ids.min() < -1 or ids.max() >= vocab):
-        problems.append(f"topk_ids outside [-1, {vocab})")
-    valid = ids >= 0
-    lps = b.topk_logprobs
-    if np.any(lps[valid] > 1e-6):
-        problems.append("top-k log-probs > 0")
-    with np.errstate(invalid="ignore"):  # -inf - -inf in the padding is nan, which compares False: fine
-        unsorted = np.any(np.diff(lps, axis=1) > 1e-6)
-    if unsorted:
-        problems.append("top-k log-probs not sorted in descending order")
-    if np.any(b.target_logprobs > 1e-4) or np.any(np.isnan(b.target_logprobs)):
-        problems.append("target log-probs > 0 or NaN")
-    tail = b.tail_mass
-    if np.any(~np.isfinite(tail)) or np.any(tail < 0) or np.any(tail > 1 + 1e-6):
-        problems.append("tail_mass outside [0, 1]")
-    probs = np.where(valid, np.exp(lps.astype(np.float64)), 0.0)
-    gap = np.abs(probs.sum(axis=1) + tail - 1.0)
+    """The writer's value invariants, plus head + tail = 1 within the codec's error (a decoded-data check)."""
+    problems = value_problems(b, reader.padded_vocab_size)
+    probs = np.where(b.topk_ids >= 0, np.exp(b.topk_logprobs.astype(np.float64)), 0.0)
+    gap = np.abs(probs.sum(axis=1) + b.tail_mass - 1.0)
     bad = gap > head_mass_tolerance(reader.codec, probs)
     if np.any(bad):
         problems.append(
@@ -86,7 +69,7 @@ def verify_cache(path: str) -> VerifyReport:
         shard_path = reader.shard_path(i)
         report.shard_problems[shard_path] = problems
         try:
-            with reader._fs.open_input_stream(shard_path) as f:
+            with reader.open_shard_stream(i) as f:
                 h = hashlib.sha256()
                 size = 0
                 while chunk := f.read(1 << 22):

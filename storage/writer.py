@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,10 @@ import pyarrow.parquet as pq
 
 from logitcache.storage.codec import DEFAULT_CODEC, LogprobCodec, parse_codec
 from logitcache.storage.fingerprint import sha256_file
+from logitcache.storage.invariants import value_problems
+from logitcache.storage.layout import replica_prefix
 from logitcache.storage.records import CachedSequence
-from logitcache.storage.schema import SHARDS_DIR, arrow_schema
+from logitcache.storage.schema import SHARDS_DIR, ShardEntry, arrow_schema
 
 __all__ = ["ShardWriter", "encode_table", "PARQUET_OPTIONS", "atomic_write_json", "shard_name_re"]
 
@@ -85,29 +89,6 @@ def encode_table(seqs: Sequence[CachedSequence], codec: LogprobCodec, top_k: int
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _check_values(seq: CachedSequence, vocab_size: int | None) -> None:
-    """Rejects values that would make a wrong cache (not just an odd one); the message names the sequence."""
-    problems = []
-    ids = seq.topk_ids
-    if vocab_size is not None and (ids.max(initial=-1) >= vocab_size or seq.input_ids.max(initial=0) >= vocab_size):
-        problems.append(f"token id >= vocab size {vocab_size}")
-    if ids.min(initial=0) < -1 or seq.input_ids.min(initial=0) < 0:
-        problems.append("negative token id (only -1 marks top-k padding)")
-    lps = seq.topk_logprobs
-    valid = ids >= 0
-    if np.any(lps[valid] > 1e-4):
-        problems.append("top-k log-prob > 0")
-    with np.errstate(invalid="ignore"):  # -inf - -inf in the padding is nan, which compares False: fine
-        unsorted = np.any(np.diff(np.where(valid, lps, -np.inf), axis=1) > 1e-4)
-    if unsorted:
-        problems.append("top-k log-probs are not sorted in descending order")
-    tail = seq.tail_mass
-    if np.any(~np.isfinite(tail)) or np.any(tail < -1e-6) or np.any(tail > 1 + 1e-6):
-        problems.append("tail mass outside [0, 1]")
-    if problems:
-        raise ValueError(f"sequence {seq.sequence_id}: " + "; ".join(problems))
-
-
 class ShardWriter:
     """Buffers sequences and writes shards `shards/{prefix}-{NNNNNN}.parquet` with bounded memory.
 
@@ -115,6 +96,9 @@ class ShardWriter:
     `{shard}.json`; a process killed at any moment leaves either a complete shard or a `.tmp` file that
     `complete_shards` deletes. Sequences still buffered when a process dies were never promised: the capture
     recomputes them.
+
+    As a context manager it closes on success; on an exception it aborts: the open shard's `.tmp` file is deleted
+    and buffered sequences are dropped (shards completed earlier stay: they are whole).
     """
 
     def __init__(
@@ -123,7 +107,7 @@ class ShardWriter:
         *,
         top_k: int,
         codec: str = DEFAULT_CODEC,
-        prefix: str = "r000",
+        prefix: str = replica_prefix(0),
         vocab_size: int | None = None,
         shard_size_bytes: int = 256 << 20,
         row_group_bytes: int = 16 << 20,
@@ -149,10 +133,26 @@ class ShardWriter:
         self._tmp: Path | None = None
         self._stats: dict[str, Any] = {}
 
-    def write(self, seq: CachedSequence) -> list[dict[str, Any]]:
-        """Adds one sequence; returns the sidecar dicts of shards this call completed (usually none)."""
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, seq: CachedSequence) -> list[ShardEntry]:
+        """Adds one sequence; returns the entries of shards this call completed (usually none).
+
+        Raises ValueError naming the sequence when a value would make a wrong cache (not just an odd one).
+        """
         seq.validate(self.top_k)
-        _check_values(seq, self.vocab_size)
+        problems = value_problems(seq, self.vocab_size)
+        if problems:
+            raise ValueError(f"sequence {seq.sequence_id}: " + "; ".join(problems))
         self._buffer.append(seq)
         self._buffer_bytes += sum(
             a.nbytes for a in (seq.input_ids, seq.topk_ids, seq.topk_logprobs, seq.target_logprobs, seq.tail_mass)
@@ -165,11 +165,22 @@ class ShardWriter:
             return [self._finish_shard()]
         return []
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[ShardEntry]:
         """Writes what is buffered and completes the open shard."""
         if self._buffer:
             self._flush_row_group()
         return [self._finish_shard()] if self._writer is not None else []
+
+    def abort(self) -> None:
+        """Drops what is buffered and deletes the open shard's `.tmp` file: no half shard is left behind."""
+        self._buffer, self._buffer_bytes = [], 0
+        if self._writer is not None:
+            # the shard is discarded: an error closing it would only hide the exception that aborted the write
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._writer, self._tmp = None, None
 
     def _flush_row_group(self) -> None:
         if self._writer is None:
@@ -186,17 +197,22 @@ class ShardWriter:
         self._ids.extend(s.sequence_id for s in self._buffer)
         self._buffer, self._buffer_bytes = [], 0
 
-    def _finish_shard(self) -> dict[str, Any]:
+    def _finish_shard(self) -> ShardEntry:
         assert self._writer is not None and self._tmp is not None
         self._writer.close()
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
-        info = dict(self._stats)
-        info["num_bytes"] = self._tmp.stat().st_size
-        info["sha256"] = sha256_file(self._tmp)
-        info["sequence_id_min"] = int(min(self._ids))
-        info["sequence_id_max"] = int(max(self._ids))
+        info = ShardEntry(
+            path=self._stats["path"],
+            num_sequences=self._stats["num_sequences"],
+            num_tokens=self._stats["num_tokens"],
+            num_row_groups=self._stats["num_row_groups"],
+            num_bytes=self._tmp.stat().st_size,
+            sha256=sha256_file(self._tmp),
+            sequence_id_min=int(min(self._ids)),
+            sequence_id_max=int(max(self._ids)),
+        )
         os.replace(self._tmp, final)
         _fsync_dir(self.dir)
         atomic_write_json(final.with_name(final.name + ".json"), info)

@@ -8,14 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from logitcache.storage import (
-    DEFAULT_CODEC,
-    CachedSequence,
-    ShardWriter,
-    finalize_cache,
-    open_capture,
-    write_replica_summary,
-)
+from logitcache.storage import DEFAULT_CODEC, CachedSequence
+from logitcache.storage import write_cache as _write_cache
 
 
 def make_sequence(rng: np.random.Generator, sequence_id: int, length: int, vocab: int, k: int) -> CachedSequence:
@@ -50,13 +44,7 @@ def header(vocab: int, k: int, codec: str = DEFAULT_CODEC, **capture: Any) -> di
 def write_cache(
     path: Path, seqs: list[CachedSequence], vocab: int, k: int, codec: str = DEFAULT_CODEC, **writer: Any
 ) -> dict[str, Any]:
-    open_capture(path, header(vocab, k, codec))
-    w = ShardWriter(path, top_k=k, codec=codec, vocab_size=vocab, **writer)
-    for s in seqs:
-        w.write(s)
-    w.close()
-    write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": len(seqs), "skipped": {}})
-    return finalize_cache(path)
+    return _write_cache(path, header(vocab, k, codec), seqs, **writer)
 
 
 @pytest.fixture
