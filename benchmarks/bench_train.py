@@ -42,15 +42,10 @@ def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: 
     """A synthetic finished cache: random sorted top-k log-probs over distinct ids, exact tail mass."""
     import numpy as np
 
-    from logitcache.storage import (
-        CachedSequence,
-        ShardWriter,
-        finalize_cache,
-        open_capture,
-        write_replica_summary,
-    )
+    from logitcache.storage import CachedSequence, CacheLayout
+    from logitcache.storage import write_cache as write_finished_cache
 
-    if (path / "manifest.json").exists():
+    if CacheLayout(path).manifest.exists():
         return path
     rng = np.random.default_rng(seed)
     header = {
@@ -60,9 +55,8 @@ def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: 
         "dataset": {"source": "synthetic"},
         "num_replicas": 1,
     }
-    open_capture(path, header)
-    w = ShardWriter(path, top_k=k)
-    for i in range(num_sequences):
+
+    def sequence(i: int) -> CachedSequence:
         n = seq_len
         p = n - 1
         raw = np.sort(rng.exponential(1.0, (p, k + 1)) * np.linspace(0.5, 6, k + 1), axis=1)
@@ -72,20 +66,17 @@ def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: 
         lp = np.log(probs[:, :k])
         ids = (rng.integers(0, vocab, (p, 1)) + np.arange(k) * 7919) % vocab
         tokens = rng.integers(0, vocab, n)
-        w.write(
-            CachedSequence(
-                sequence_id=i,
-                input_ids=tokens.astype(np.int32),
-                loss_mask=np.ones(n, dtype=bool),
-                topk_ids=ids.astype(np.int32),
-                topk_logprobs=lp.astype(np.float32),
-                target_logprobs=np.full(p, -5.0, dtype=np.float32),
-                tail_mass=(1 - np.exp(lp).sum(axis=1)).astype(np.float32),
-            )
+        return CachedSequence(
+            sequence_id=i,
+            input_ids=tokens.astype(np.int32),
+            loss_mask=np.ones(n, dtype=bool),
+            topk_ids=ids.astype(np.int32),
+            topk_logprobs=lp.astype(np.float32),
+            target_logprobs=np.full(p, -5.0, dtype=np.float32),
+            tail_mass=(1 - np.exp(lp).sum(axis=1)).astype(np.float32),
         )
-    w.close()
-    write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": num_sequences, "skipped": {}})
-    finalize_cache(path)
+
+    write_finished_cache(path, header, (sequence(i) for i in range(num_sequences)))
     return path
 
 

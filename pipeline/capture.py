@@ -17,12 +17,14 @@ from logitcache.pipeline.data import DataSummary, LoadedDataset, chat_template_s
 from logitcache.pipeline.teacher import TeacherInfo, resolve_teacher, weights_sha256
 from logitcache.storage import (
     DEFAULT_CODEC,
-    CacheFormatError,
+    CacheLayout,
+    PendingReplicasError,
     ShardWriter,
     complete_shards,
     done_sequence_ids,
     finalize_cache,
     open_capture,
+    replica_prefix,
     tokenizer_fingerprint,
     write_replica_summary,
 )
@@ -33,7 +35,6 @@ __all__ = ["CaptureResult", "BatchProgress", "run_capture", "build_header", "res
 
 DEFAULT_BATCH_SIZE = {"hf": 8, "vllm": 256}
 MAX_DEFAULT_SEQ_LEN = 4096
-LOGS_DIR = "logs"
 
 
 @dataclass
@@ -200,11 +201,9 @@ def _check_settings(cfg: CaptureConfig, teacher: TeacherInfo) -> None:
 def _try_finalize(cache_dir: Path) -> dict[str, Any] | None:
     try:
         return finalize_cache(cache_dir)
-    except CacheFormatError as e:
-        if "have not finished" in str(e):
-            logger.info("%s", e)
-            return None
-        raise
+    except PendingReplicasError as e:
+        logger.info("%s", e)
+        return None
 
 
 def run_capture(
@@ -229,20 +228,21 @@ def run_capture(
     data = load_rows(cfg.dataset, cfg.split, cfg.limit)
     header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend), _tail_method(cfg, backend))
     state = open_capture(cache_dir, header)
-    if not (cache_dir / "tokenizer").exists():
+    layout = CacheLayout(cache_dir)
+    if not layout.tokenizer_dir.exists():
         # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout
-        teacher.tokenizer.save_pretrained(cache_dir / "tokenizer")
+        teacher.tokenizer.save_pretrained(layout.tokenizer_dir)
     if state.finished:
-        logger.info("%s is already a finished cache (manifest.json exists): nothing to do", cache_dir)
-        return CaptureResult("already_finished", cache_dir, {}, json.loads((cache_dir / "manifest.json").read_text()))
-    summary_file = cache_dir / "replicas" / f"r{cfg.replica:03d}-of-{cfg.num_replicas:03d}.json"
+        logger.info("%s is already a finished cache (%s exists): nothing to do", cache_dir, layout.manifest.name)
+        return CaptureResult("already_finished", cache_dir, {}, json.loads(layout.manifest.read_text()))
+    summary_file = layout.replica_summary(cfg.replica, cfg.num_replicas)
     if summary_file.exists():
         logger.info("replica %d already finished; finalizing if every replica has", cfg.replica)
         manifest = _try_finalize(cache_dir)
         status = "finished" if manifest else "replica_done"
         return CaptureResult(status, cache_dir, json.loads(summary_file.read_text()), manifest)
 
-    prefix = f"r{cfg.replica:03d}"
+    prefix = replica_prefix(cfg.replica)
     done = set(done_sequence_ids(cache_dir, complete_shards(cache_dir, prefix=prefix)).tolist())
     if done:
         logger.info("resuming replica %d: %d sequences already stored", cfg.replica, len(done))
@@ -276,8 +276,8 @@ def run_capture(
         vocab_size=teacher.padded_vocab_size,
         **writer_kwargs,
     )
-    (cache_dir / LOGS_DIR).mkdir(exist_ok=True)
-    log_path = cache_dir / LOGS_DIR / f"capture-{prefix}.jsonl"
+    layout.logs_dir.mkdir(exist_ok=True)
+    log_path = layout.capture_log(cfg.replica)
     start = time.monotonic()
     progress = BatchProgress(0, rows_total, 0, 0, 0.0)
     with log_path.open("a", encoding="utf-8") as log_file:

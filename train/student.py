@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from logitcache.storage import CacheReader, LMHeadTransform, tokenizer_fingerprint
+from logitcache.storage import CacheLayout, CacheReader, LMHeadTransform, tokenizer_fingerprint
 from logitcache.train.config import DEFAULT_KD, KDSettings
 from logitcache.train.losses import LossParts, chunked_distillation_loss, kd_loss_per_position
 
@@ -99,7 +99,7 @@ def _tokenizer_candidates(reader: CacheReader) -> list[str]:
     local: list[str] = []
     if "://" not in reader.path:
         cache = Path(reader.path)
-        local.append(str(cache / "tokenizer"))
+        local.append(str(CacheLayout(cache).tokenizer_dir))
         for n in names:
             local += [n, str(cache / n), str(cache.parent / n)]
     found = [c for c in dict.fromkeys(local) if (Path(c) / "tokenizer.json").is_file()]

@@ -1,5 +1,5 @@
 """Synthetic caches for train tests: a random bigram "teacher" with exact softmax distributions, a word-level
-tokenizer for it, written through the real ShardWriter + finalize_cache."""
+tokenizer for it, written through the real ShardWriter + finalize_cache (storage.write_cache)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from logitcache.storage import (
-    CachedSequence,
-    ShardWriter,
-    finalize_cache,
-    open_capture,
-    tokenizer_fingerprint,
-    write_replica_summary,
-)
+from logitcache.storage import CachedSequence, tokenizer_fingerprint, write_cache
 
 
 def make_tokenizer_dir(path: Path, vocab: int, prefix: str = "w") -> str:
@@ -95,18 +88,12 @@ def write_synthetic_cache(
         "dataset": {"source": "synthetic-bigram"},
         "num_replicas": 1,
     }
-    open_capture(path, header)
     writer.setdefault("row_group_bytes", 4_000)
-    w = ShardWriter(path, top_k=k, codec=codec, **writer)
-    for i in range(num_sequences):
-        w.write(
-            sample_sequence(
-                rng, teacher, (i * 3 + 1) << 16, int(rng.integers(min_len, max_len + 1)), k, mask_prompt=i % 3
-            )
-        )
-    w.close()
-    write_replica_summary(path, replica=0, num_replicas=1, summary={"rows": num_sequences, "skipped": {}})
-    finalize_cache(path)
+    seqs = (
+        sample_sequence(rng, teacher, (i * 3 + 1) << 16, int(rng.integers(min_len, max_len + 1)), k, mask_prompt=i % 3)
+        for i in range(num_sequences)
+    )
+    write_cache(path, header, seqs, **writer)
     return path
 
 
