@@ -6,10 +6,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from logitcache.pipeline.backends import TeacherBackend
 from logitcache.pipeline.config import CaptureConfig
@@ -206,6 +206,218 @@ def _try_finalize(cache_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+@dataclass(frozen=True)
+class _OpenedCache:
+    """What preparing a capture resolved: the teacher, the rows, the window length and the cache it writes."""
+
+    teacher: TeacherInfo
+    data: LoadedDataset
+    max_seq_len: int
+    layout: CacheLayout
+    finished: bool  # the cache already has its manifest
+
+
+def _open_cache(cfg: CaptureConfig, backend: TeacherBackend | None) -> _OpenedCache:
+    """Resolves the teacher and the data, then creates (or reopens, checking its identity) the cache directory."""
+    if backend is not None and (backend.name != cfg.backend or backend.top_k != cfg.top_k):
+        raise ValueError(
+            f"the given {backend.name} engine does not match `--backend {cfg.backend} --top-k {cfg.top_k}`"
+        )
+    teacher = resolve_teacher(cfg.teacher, cfg.dtype, cfg.revision, cfg.trust_remote_code)
+    _check_settings(cfg, teacher)
+    max_seq_len = resolve_max_seq_len(cfg, teacher)
+    data = load_rows(cfg.dataset, cfg.split, cfg.limit)
+    header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend), _tail_method(cfg, backend))
+    state = open_capture(cfg.output, header)
+    layout = CacheLayout(Path(cfg.output))
+    if not layout.tokenizer_dir.exists():
+        # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout
+        teacher.tokenizer.save_pretrained(layout.tokenizer_dir)
+    return _OpenedCache(teacher, data, max_seq_len, layout, state.finished)
+
+
+def _nothing_to_capture(cfg: CaptureConfig, cache: _OpenedCache) -> CaptureResult | None:
+    """The result when the cache, or this replica's part of it, is already done; None when there is work."""
+    layout = cache.layout
+    if cache.finished:
+        logger.info("%s is already a finished cache (%s exists): nothing to do", layout.root, layout.manifest.name)
+        return CaptureResult("already_finished", layout.root, {}, json.loads(layout.manifest.read_text()))
+    summary_file = layout.replica_summary(cfg.replica, cfg.num_replicas)
+    if not summary_file.exists():
+        return None
+    logger.info("replica %d already finished; finalizing if every replica has", cfg.replica)
+    manifest = _try_finalize(layout.root)
+    status = "finished" if manifest else "replica_done"
+    return CaptureResult(status, layout.root, json.loads(summary_file.read_text()), manifest)
+
+
+def _open_writer(cfg: CaptureConfig, cache: _OpenedCache) -> ShardWriter:
+    writer_kwargs: dict[str, Any] = {}
+    if cfg.shard_size_bytes is not None:
+        # Small shards make resumption finer-grained; row groups must be smaller still to let a shard close.
+        writer_kwargs = {
+            "shard_size_bytes": cfg.shard_size_bytes,
+            "row_group_bytes": min(16 << 20, max(1, cfg.shard_size_bytes // 4)),
+        }
+    return ShardWriter(
+        cache.layout.root,
+        top_k=cfg.top_k,
+        codec=DEFAULT_CODEC,
+        prefix=replica_prefix(cfg.replica),
+        vocab_size=cache.teacher.padded_vocab_size,
+        **writer_kwargs,
+    )
+
+
+class _LazyEngine:
+    """The teacher engine, started when the first batch needs it: a replica whose work is all stored never loads
+    the teacher. An engine given by the caller is used as is and not closed here."""
+
+    def __init__(self, cfg: CaptureConfig, cache: _OpenedCache, backend: TeacherBackend | None) -> None:
+        self._cfg, self._cache = cfg, cache
+        self._backend = backend
+        self._owned = backend is None
+
+    def get(self) -> TeacherBackend:
+        if self._backend is None:
+            self._backend = open_backend(self._cfg, self._cache.teacher, self._cache.max_seq_len)
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None and self._owned:
+            self._backend.close()
+
+
+@dataclass
+class _BatchLog:
+    """Appends one JSONL record per engine batch to the replica's capture log, and keeps the running totals."""
+
+    file: IO[str]
+    replica: int
+    summary: DataSummary  # rows consumed so far (the window iterator updates it)
+    progress: BatchProgress
+
+    def record(self, sequences: int, tokens: int, seconds: float) -> None:
+        p = self.progress
+        p.sequences += sequences
+        p.tokens += tokens
+        p.seconds += seconds  # engine time only: start-up is not throughput
+        record = {
+            "time": time.time(),
+            "replica": self.replica,
+            "rows_done": self.summary.rows,
+            "rows_total": p.rows_total,
+            "batch_sequences": sequences,
+            "batch_tokens": tokens,
+            "batch_seconds": round(seconds, 4),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "sequences": p.sequences,
+            "tokens": p.tokens,
+            "mean_tokens_per_second": round(p.tokens_per_second, 1),
+        }
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def _capture_batch(batch: list[Any], engine: _LazyEngine, writer: ShardWriter, log: _BatchLog) -> None:
+    """Runs one batch of windows through the teacher, writes its sequences and logs its throughput."""
+    backend = engine.get()
+    t0 = time.monotonic()
+    for seq in backend.capture(batch):
+        writer.write(seq)
+    log.record(len(batch), sum(len(w.input_ids) for w in batch), time.monotonic() - t0)
+
+
+def _capture_windows(
+    windows: Iterable[Any],
+    done: set[int],
+    batch_size: int,
+    capture_batch: Callable[[list[Any]], None],
+    report: Callable[[], None],
+) -> None:
+    """Batches the windows not yet stored (`done`) and captures each batch; `report` after each full batch and
+    once at the end."""
+    batch: list[Any] = []
+    for window in windows:
+        if window.sequence_id in done:
+            continue
+        batch.append(window)
+        if len(batch) >= batch_size:
+            capture_batch(batch)
+            batch = []
+            report()
+    if batch:
+        capture_batch(batch)
+    report()
+
+
+def _finish_replica(
+    cfg: CaptureConfig, cache: _OpenedCache, log: _BatchLog, resumed: int, elapsed: float
+) -> CaptureResult:
+    """Records this replica as finished, then finalizes the cache when every replica is."""
+    progress = log.progress
+    replica_summary = {
+        **log.summary.to_dict(),
+        "resumed_sequences": resumed,
+        "captured_sequences": progress.sequences,
+        "captured_tokens": progress.tokens,
+        "seconds": round(elapsed, 2),
+        "engine_seconds": round(progress.seconds, 2),
+        "tokens_per_second": round(progress.tokens_per_second, 1),
+        "host": os.uname().nodename,
+    }
+    root = cache.layout.root
+    write_replica_summary(root, replica=cfg.replica, num_replicas=cfg.num_replicas, summary=replica_summary)
+    manifest = _try_finalize(root)
+    return CaptureResult("finished" if manifest else "replica_done", root, replica_summary, manifest)
+
+
+def _capture_replica(
+    cfg: CaptureConfig,
+    cache: _OpenedCache,
+    on_batch: Callable[[BatchProgress], None] | None,
+    backend: TeacherBackend | None,
+) -> CaptureResult:
+    """Captures the windows of this replica's rows that the cache does not hold yet, then finishes the replica."""
+    layout = cache.layout
+    shards = complete_shards(layout.root, prefix=replica_prefix(cfg.replica))
+    done = set(done_sequence_ids(layout.root, shards).tolist())
+    if done:
+        logger.info("resuming replica %d: %d sequences already stored", cfg.replica, len(done))
+    summary = DataSummary()
+    windows = iter_windows(
+        cache.data.rows,
+        cache.teacher.tokenizer,
+        text_field=cfg.text_field,
+        messages_field=cfg.messages_field,
+        max_seq_len=cache.max_seq_len,
+        overflow=cfg.overflow,
+        replica=cfg.replica,
+        num_replicas=cfg.num_replicas,
+        strict=cfg.strict,
+        summary=summary,
+    )
+    rows_total = len(range(cfg.replica, len(cache.data.rows), cfg.num_replicas))
+    engine = _LazyEngine(cfg, cache, backend)
+    layout.logs_dir.mkdir(exist_ok=True)
+    start = time.monotonic()
+    with layout.capture_log(cfg.replica).open("a", encoding="utf-8") as log_file:
+        log = _BatchLog(log_file, cfg.replica, summary, BatchProgress(0, rows_total, 0, 0, 0.0))
+
+        def report() -> None:
+            log.progress.rows_done = summary.rows
+            if on_batch:
+                on_batch(log.progress)
+
+        try:
+            with _open_writer(cfg, cache) as writer:
+                batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE[cfg.backend]
+                _capture_windows(windows, done, batch_size, lambda b: _capture_batch(b, engine, writer, log), report)
+        finally:
+            engine.close()
+    return _finish_replica(cfg, cache, log, len(done), time.monotonic() - start)
+
+
 def run_capture(
     cfg: CaptureConfig,
     on_batch: Callable[[BatchProgress], None] | None = None,
@@ -216,133 +428,8 @@ def run_capture(
     `backend` reuses an engine that is already running (tests, benchmarks); it must match cfg's backend and top_k,
     and is not closed here. By default the engine named by cfg starts when the first batch needs it.
     """
-    if backend is not None and (backend.name != cfg.backend or backend.top_k != cfg.top_k):
-        raise ValueError(
-            f"the given {backend.name} engine does not match `--backend {cfg.backend} --top-k {cfg.top_k}`"
-        )
-    owns_backend = backend is None
-    cache_dir = Path(cfg.output)
-    teacher = resolve_teacher(cfg.teacher, cfg.dtype, cfg.revision, cfg.trust_remote_code)
-    _check_settings(cfg, teacher)
-    max_seq_len = resolve_max_seq_len(cfg, teacher)
-    data = load_rows(cfg.dataset, cfg.split, cfg.limit)
-    header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend), _tail_method(cfg, backend))
-    state = open_capture(cache_dir, header)
-    layout = CacheLayout(cache_dir)
-    if not layout.tokenizer_dir.exists():
-        # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout
-        teacher.tokenizer.save_pretrained(layout.tokenizer_dir)
-    if state.finished:
-        logger.info("%s is already a finished cache (%s exists): nothing to do", cache_dir, layout.manifest.name)
-        return CaptureResult("already_finished", cache_dir, {}, json.loads(layout.manifest.read_text()))
-    summary_file = layout.replica_summary(cfg.replica, cfg.num_replicas)
-    if summary_file.exists():
-        logger.info("replica %d already finished; finalizing if every replica has", cfg.replica)
-        manifest = _try_finalize(cache_dir)
-        status = "finished" if manifest else "replica_done"
-        return CaptureResult(status, cache_dir, json.loads(summary_file.read_text()), manifest)
-
-    prefix = replica_prefix(cfg.replica)
-    done = set(done_sequence_ids(cache_dir, complete_shards(cache_dir, prefix=prefix)).tolist())
-    if done:
-        logger.info("resuming replica %d: %d sequences already stored", cfg.replica, len(done))
-    summary = DataSummary()
-    windows = iter_windows(
-        data.rows,
-        teacher.tokenizer,
-        text_field=cfg.text_field,
-        messages_field=cfg.messages_field,
-        max_seq_len=max_seq_len,
-        overflow=cfg.overflow,
-        replica=cfg.replica,
-        num_replicas=cfg.num_replicas,
-        strict=cfg.strict,
-        summary=summary,
-    )
-    rows_total = len(range(cfg.replica, len(data.rows), cfg.num_replicas))
-    batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE[cfg.backend]
-    writer_kwargs: dict[str, Any] = {}
-    if cfg.shard_size_bytes is not None:
-        # Small shards make resumption finer-grained; row groups must be smaller still to let a shard close.
-        writer_kwargs = {
-            "shard_size_bytes": cfg.shard_size_bytes,
-            "row_group_bytes": min(16 << 20, max(1, cfg.shard_size_bytes // 4)),
-        }
-    writer = ShardWriter(
-        cache_dir,
-        top_k=cfg.top_k,
-        codec=DEFAULT_CODEC,
-        prefix=prefix,
-        vocab_size=teacher.padded_vocab_size,
-        **writer_kwargs,
-    )
-    layout.logs_dir.mkdir(exist_ok=True)
-    log_path = layout.capture_log(cfg.replica)
-    start = time.monotonic()
-    progress = BatchProgress(0, rows_total, 0, 0, 0.0)
-    with log_path.open("a", encoding="utf-8") as log_file:
-
-        def run_batch(batch: list[Any]) -> None:
-            nonlocal backend
-            if backend is None:  # started lazily: a replica whose work is all stored never loads the teacher
-                backend = open_backend(cfg, teacher, max_seq_len)
-            t0 = time.monotonic()
-            seqs = backend.capture(batch)
-            for seq in seqs:
-                writer.write(seq)
-            dt = time.monotonic() - t0
-            tokens = sum(len(w.input_ids) for w in batch)
-            progress.sequences += len(batch)
-            progress.tokens += tokens
-            progress.seconds += dt  # engine time only: start-up is not throughput
-            record = {
-                "time": time.time(),
-                "replica": cfg.replica,
-                "rows_done": summary.rows,
-                "rows_total": rows_total,
-                "batch_sequences": len(batch),
-                "batch_tokens": tokens,
-                "batch_seconds": round(dt, 4),
-                "tokens_per_second": round(tokens / dt, 1) if dt > 0 else None,
-                "sequences": progress.sequences,
-                "tokens": progress.tokens,
-                "mean_tokens_per_second": round(progress.tokens_per_second, 1),
-            }
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-        batch: list[Any] = []
-        try:
-            for window in windows:
-                if window.sequence_id in done:
-                    continue
-                batch.append(window)
-                if len(batch) >= batch_size:
-                    run_batch(batch)
-                    batch = []
-                    progress.rows_done = summary.rows
-                    if on_batch:
-                        on_batch(progress)
-            if batch:
-                run_batch(batch)
-            progress.rows_done = summary.rows
-            if on_batch:
-                on_batch(progress)
-            writer.close()
-        finally:
-            if backend is not None and owns_backend:
-                backend.close()
-    elapsed = time.monotonic() - start
-    replica_summary = {
-        **summary.to_dict(),
-        "resumed_sequences": len(done),
-        "captured_sequences": progress.sequences,
-        "captured_tokens": progress.tokens,
-        "seconds": round(elapsed, 2),
-        "engine_seconds": round(progress.seconds, 2),
-        "tokens_per_second": round(progress.tokens_per_second, 1),
-        "host": os.uname().nodename,
-    }
-    write_replica_summary(cache_dir, replica=cfg.replica, num_replicas=cfg.num_replicas, summary=replica_summary)
-    manifest = _try_finalize(cache_dir)
-    return CaptureResult("finished" if manifest else "replica_done", cache_dir, replica_summary, manifest)
+    cache = _open_cache(cfg, backend)
+    result = _nothing_to_capture(cfg, cache)
+    if result is not None:
+        return result
+    return _capture_replica(cfg, cache, on_batch, backend)
