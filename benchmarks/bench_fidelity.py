@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,7 @@ def write_variant(
     import torch
 
     from logitcache.pipeline.backends.hf import topk_with_tail
-    from logitcache.storage import (
-        CachedSequence,
-        CacheReader,
-        ShardWriter,
-        finalize_cache,
-        open_capture,
-        write_replica_summary,
-    )
+    from logitcache.storage import CachedSequence, CacheReader, write_cache
 
     vocab = logp.shape[-1]
     header = {
@@ -80,15 +74,14 @@ def write_variant(
         "dataset": {"source": "heldout"},
         "num_replicas": 1,
     }
-    open_capture(root, header)
-    w = ShardWriter(root, top_k=k, codec=codec, vocab_size=vocab, parquet_options=options)
-    off = 0
-    for i, ids in enumerate(windows):
-        n = len(ids) - 1
-        top_id, top_lp, target, tail = topk_with_tail(logp[off : off + n], k, torch.from_numpy(ids[1:]))
-        off += n
-        w.write(
-            CachedSequence(
+
+    def sequences() -> Iterator[CachedSequence]:
+        off = 0
+        for i, ids in enumerate(windows):
+            n = len(ids) - 1
+            top_id, top_lp, target, tail = topk_with_tail(logp[off : off + n], k, torch.from_numpy(ids[1:]))
+            off += n
+            yield CachedSequence(
                 sequence_id=i,
                 input_ids=ids.astype(np.int32),
                 loss_mask=np.ones(len(ids), bool),
@@ -97,10 +90,8 @@ def write_variant(
                 target_logprobs=target.numpy(),
                 tail_mass=tail.numpy(),
             )
-        )
-    w.close()
-    write_replica_summary(root, replica=0, num_replicas=1, summary={"rows": len(windows)})
-    m = finalize_cache(root)
+
+    m = write_cache(root, header, sequences(), parquet_options=options)
     r = CacheReader(root)
     batches = list(r.iter_batches())
     decoded = {

@@ -62,13 +62,11 @@ def capture(teacher: Path, dataset: Path, out: Path, max_seq_len: int) -> Path:
         max_seq_len=max_seq_len,
         progress=False,
     )
-    from logitcache.storage import CacheFormatError
+    from logitcache.storage import IdentityMismatchError
 
     try:
         result = run_capture(cfg)  # a finished cache of the same teacher is reused: the rerun is a no-op
-    except CacheFormatError as e:
-        if "different settings" not in str(e):
-            raise
+    except IdentityMismatchError:
         import shutil
 
         print(f"{out} was captured from another teacher build: recapturing", flush=True)

@@ -103,9 +103,9 @@ class TrainConfig:
         default=1.0, metadata={"help": "Distillation temperature T > 0; the KD term is scaled by T^2."}
     )
     alpha: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
-            "help": "Weight of the KD term: 1 = pure distillation, 0 = plain cross-entropy on the real next tokens."
+            "help": "Weight of the KD term: 1 = pure distillation, 0 = plain cross-entropy on the real next tokens. Default 1: the best of 0, 0.25, 0.5, 0.75, 1 at equal steps on the demo (BENCHMARKS.md, 'Choosing alpha')."
         },
     )
     top_k_used: int | None = field(
