@@ -230,13 +230,7 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     reader = CacheReader(cfg.cache)
     if cfg.top_k_used is not None and cfg.top_k_used > reader.top_k:
         raise ConfigError(f"`--top-k-used {cfg.top_k_used}` exceeds the cache's top_k {reader.top_k}; use at most that")
-    ckpt = _check_resume(run_dir, cfg, reader)
-    state = load_trainer_state(ckpt) if ckpt is not None else None
-    if state is not None and state["world_size"] != env.world_size:
-        raise ConfigError(
-            f"`--resume`: the checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
-            f"{env.world_size}; resume with the same torchrun --nproc-per-node (the data stream is per rank)"
-        )
+    ckpt, state = _resume_point(run_dir, cfg, reader, env)
     student = build_student(str(ckpt) if ckpt else cfg.student, reader, cfg.tokenizer, cfg.seed)
     if state is not None:
         cfg = cfg.replace(lr=state["lr"])
@@ -253,11 +247,7 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     )
     if env.is_main:
         _write_config(run_dir, cfg, env, reader, student, total)
-    dm = DistillModel(student.model, student.vocab_size, cfg.kd_settings()).to(env.device)
-    if cfg.grad_checkpointing:
-        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        student.model.get_decoder().compile()
+    dm = _distill_model(student, cfg, env)
     model = _wrap(dm, cfg, env)
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
     sched = _scheduler(opt, cfg, total)
@@ -292,6 +282,20 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     return run
 
 
+def _resume_point(
+    run_dir: Path, cfg: TrainConfig, reader: CacheReader, env: DistEnv
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh run."""
+    ckpt = _check_resume(run_dir, cfg, reader)
+    state = load_trainer_state(ckpt) if ckpt is not None else None
+    if state is not None and state["world_size"] != env.world_size:
+        raise ConfigError(
+            f"`--resume`: the checkpoint {ckpt} was written by {state['world_size']} processes, this run has "
+            f"{env.world_size}; resume with the same torchrun --nproc-per-node (the data stream is per rank)"
+        )
+    return ckpt, state
+
+
 def _write_config(
     run_dir: Path, cfg: TrainConfig, env: DistEnv, reader: CacheReader, student: Student, total: int
 ) -> None:
@@ -307,6 +311,16 @@ def _write_config(
         "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
     }
     (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+
+
+def _distill_model(student: Student, cfg: TrainConfig, env: DistEnv) -> DistillModel:
+    """The student with its loss, on the device, with activation checkpointing and torch.compile as asked."""
+    dm = DistillModel(student.model, student.vocab_size, cfg.kd_settings()).to(env.device)
+    if cfg.grad_checkpointing:
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        student.model.get_decoder().compile()
+    return dm
 
 
 def _loader(cfg: TrainConfig, env: DistEnv) -> Any:

@@ -14,7 +14,6 @@ class TeacherBackend(Protocol):
     """What capture.py needs from an engine; `hf.HFBackend` and `vllm_backend.VLLMBackend` implement it."""
 
     name: str  # the --backend value
-    engine_version: str
     top_k: int
 
     def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:

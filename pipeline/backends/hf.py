@@ -53,10 +53,8 @@ class HFBackend:
         device: str | None = None,
     ) -> None:
         import torch
-        import transformers
         from transformers import AutoModelForCausalLM
 
-        self.engine_version = f"transformers {transformers.__version__}"
         self.top_k = top_k
         self.logits_chunk_size = logits_chunk_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

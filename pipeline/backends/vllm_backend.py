@@ -127,7 +127,6 @@ class VLLMBackend:
         import vllm
         from vllm import LLM
 
-        self.engine_version = f"vllm {vllm.__version__}"
         self.top_k = top_k
         if logprobs_path not in ("flat", "raw"):
             raise ValueError(f"`--vllm-logprobs-path` must be flat or raw (got {logprobs_path!r})")
