@@ -8,7 +8,7 @@
    (a KD step costs more than a CE step, so plain training gets more steps for the same time);
 4. `logitcache eval` of the three on the held-out cache, printed as a table with a plain verdict.
 
-    python benchmarks/demo.py [--work demo_out] [--backend vllm|hf] [--steps 150]
+    python benchmarks/demo.py [--work demo_out] [--backend vllm|hf] [--steps 130]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--work", default="demo_out", help="where everything is written")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="teacher engine for the capture")
     ap.add_argument("--top-k", default="64")
-    ap.add_argument("--steps", default="150", help="optimizer steps of the KD student and the same-steps CE student")
+    ap.add_argument("--steps", default="130", help="optimizer steps of the KD student and the same-steps CE student")
     args = ap.parse_args()
     work = Path(args.work)
     t0 = time.perf_counter()

@@ -94,7 +94,7 @@ def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags:
 @click.command("demo-teacher")
 @click.option("--output", default="demo_out", show_default=True, help="Directory for teacher/ and data/.")
 @click.option("--steps", type=int, default=None, help="Training steps [default: 400, also bounded by --max-seconds].")
-@click.option("--max-seconds", type=float, default=None, help="Training time budget in seconds [default: 110].")
+@click.option("--max-seconds", type=float, default=None, help="Training time budget in seconds [default: 100].")
 @click.option("--quick", is_flag=True, help="The seconds-scale 2-layer, 64-dim teacher the tests use.")
 @click.option("--force", is_flag=True, help="Rebuild even when OUTPUT holds a demo built with the same settings.")
 def demo_teacher(output: str, steps: int | None, max_seconds: float | None, quick: bool, force: bool) -> None:
