@@ -7,7 +7,7 @@ shared machine; the ratios against that baseline are what to compare.
 
 - encode: the whole write path: `encode_table` (numpy concatenation + log-prob codec) + `pq.ParquetWriter` into an
   in-memory buffer, one row group per ~16 MiB of raw arrays (as `ShardWriter` does).
-- decode: what `CacheReader.read_unit` does: `ParquetFile(..., page_checksum_verification=True).read_row_group`
+- decode: what `CacheReader.read_row_group` does: `ParquetFile(..., page_checksum_verification=True).read_row_group`
   + `decode_table` to numpy, for every row group (plus the inverse id transform for the id-layout variants).
 - bytes/token: Parquet file size / number of input tokens (per-column sizes from the footer's column chunks).
 - error: |decoded - original| log-prob (nats) over all head entries: max, mean, and mean weighted by p.

@@ -93,11 +93,11 @@ def write_variant(
 
     m = write_cache(root, header, sequences(), parquet_options=options)
     r = CacheReader(root)
-    batches = list(r.iter_batches())
+    groups = list(r.iter_row_groups())
     decoded = {
-        "topk_ids": torch.from_numpy(np.concatenate([b.topk_ids for b in batches]).astype(np.int64)),
-        "topk_logprobs": torch.from_numpy(np.concatenate([b.topk_logprobs for b in batches])),
-        "tail_mass": torch.from_numpy(np.concatenate([b.tail_mass for b in batches])),
+        "topk_ids": torch.from_numpy(np.concatenate([g.topk_ids for g in groups]).astype(np.int64)),
+        "topk_logprobs": torch.from_numpy(np.concatenate([g.topk_logprobs for g in groups])),
+        "tail_mass": torch.from_numpy(np.concatenate([g.tail_mass for g in groups])),
     }
     return m["totals"]["num_bytes"] / m["totals"]["num_tokens"], decoded
 

@@ -145,7 +145,7 @@ def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
     from logitcache.train.data import CacheStream
 
     it = iter(CacheStream(cache, seed=0, batch_count=batch))
-    next(it)  # open the reader and the first unit outside the timing
+    next(it)  # open the reader and the first part outside the timing
     tokens = 0
     w0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - w0 < seconds:

@@ -18,7 +18,7 @@ from logitcache.storage.invariants import VALUE_TOLERANCE
 from logitcache.storage.layout import CacheLayout, replica_prefix
 from logitcache.storage.lm_head import LMHeadTransform
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.records import WINDOW_BITS, CachedSequence, DecodedBatch, document_id
+from logitcache.storage.records import WINDOW_BITS, CachedSequence, RowGroup, document_id
 from logitcache.storage.schema import (
     FORMAT_VERSION,
     CacheFormatError,
@@ -39,12 +39,12 @@ __all__ = [
     "CacheReader",
     "CachedSequence",
     "CaptureState",
-    "DecodedBatch",
     "IdentityMismatchError",
     "LMHeadTransform",
     "LogprobCodec",
     "NotFinalizedError",
     "PendingReplicasError",
+    "RowGroup",
     "ShardEntry",
     "ShardWriter",
     "VALUE_TOLERANCE",

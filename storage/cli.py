@@ -94,8 +94,8 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
         raise click.ClickException(str(e)) from None
     m = r.manifest
     totals = m["totals"]
-    batch = next(r.iter_batches(), None)
-    head_mass = float(np.mean(1.0 - batch.tail_mass)) if batch is not None and batch.tail_mass.size else float("nan")
+    group = next(r.iter_row_groups(), None)
+    head_mass = float(np.mean(1.0 - group.tail_mass)) if group is not None and group.tail_mass.size else float("nan")
     summary = {
         "teacher": m["teacher"],
         "tokenizer": {k: m["tokenizer"].get(k) for k in ("name", "fingerprint", "vocab_size", "padded_vocab_size")},
@@ -132,9 +132,9 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
         f"{summary['bytes_per_token']:.1f} B/token"
     )
     click.echo(f"head mass    {head_mass:.4f} mean over the first row group (1 - tail)")
-    if batch is None or len(batch) == 0:
+    if group is None or len(group) == 0:
         return
-    seq = batch.sequence(0)
+    seq = group.sequence(0)
     n_pos = seq.topk_ids.shape[0]
     t_pos = min(position if position is not None else n_pos // 2, n_pos - 1)
     tokenizer = _load_tokenizer(cache_dir, tok.get("name"))

@@ -16,7 +16,7 @@ VALUE_TOLERANCE = 1e-4
 
 
 class ShardValues(Protocol):
-    """What both a `CachedSequence` and a `DecodedBatch` hold: ids [T] / [P, k], log-probs [P, k] / [P], tail [P]."""
+    """What both a `CachedSequence` and a `RowGroup` hold: ids [T] / [P, k], log-probs [P, k] / [P], tail [P]."""
 
     @property
     def input_ids(self) -> np.ndarray: ...

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from logitcache.storage.codec import LogprobCodec, parse_codec
-from logitcache.storage.records import CachedSequence, DecodedBatch
+from logitcache.storage.records import CachedSequence, RowGroup
 from logitcache.storage.schema import (
     CAPTURE_NAME,
     COLUMNS,
@@ -46,8 +46,8 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values
 
 
-def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> DecodedBatch:
-    """A shard table (or row group) -> DecodedBatch; raises CacheFormatError naming `where` on inconsistency."""
+def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> RowGroup:
+    """A shard table (or row group) -> RowGroup; raises CacheFormatError naming `where` on inconsistency."""
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise CacheFormatError(f"{where}: missing column(s) {missing}; not a logitcache v1 shard")
@@ -74,7 +74,7 @@ def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -
     topk_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
     topk_lps = codec.decode(codes.reshape(num_pos, top_k))
     topk_lps[topk_ids < 0] = -np.inf
-    return DecodedBatch(
+    return RowGroup(
         sequence_id=seq_ids,
         token_offsets=tok_off,
         position_offsets=pos_off,
@@ -154,15 +154,15 @@ class CacheReader:
                 raise self._damaged(shard_index, "cannot open", e) from None
         return self._files[shard_index]
 
-    def units(self) -> list[tuple[int, int, int]]:
-        """(shard_index, row_group_index, num_sequences) for every row group: the unit of streaming."""
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """(shard_index, row_group_index, num_sequences) for every row group, in storage order."""
         out: list[tuple[int, int, int]] = []
         for i in range(len(self.shards)):
             meta = self.parquet_file(i).metadata
             out.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
         return out
 
-    def read_unit(self, shard_index: int, row_group_index: int) -> DecodedBatch:
+    def read_row_group(self, shard_index: int, row_group_index: int) -> RowGroup:
         """One row group decoded to numpy."""
         try:
             table = self.parquet_file(shard_index).read_row_group(row_group_index)
@@ -172,14 +172,14 @@ class CacheReader:
             table, self.codec, self.top_k, f"{self.shard_path(shard_index)} row group {row_group_index}"
         )
 
-    def iter_batches(self, shards: Iterable[int] | None = None) -> Iterator[DecodedBatch]:
+    def iter_row_groups(self, shards: Iterable[int] | None = None) -> Iterator[RowGroup]:
         """Every row group of the given shards (default: all), in order."""
         for i in range(len(self.shards)) if shards is None else shards:
             for g in range(self.parquet_file(i).metadata.num_row_groups):
-                yield self.read_unit(i, g)
+                yield self.read_row_group(i, g)
 
     def iter_sequences(self, shards: Iterable[int] | None = None) -> Iterator[CachedSequence]:
         """Every sequence of the given shards (default: all), in storage order."""
-        for batch in self.iter_batches(shards):
-            for j in range(len(batch)):
-                yield batch.sequence(j)
+        for group in self.iter_row_groups(shards):
+            for j in range(len(group)):
+                yield group.sequence(j)

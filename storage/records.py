@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["WINDOW_BITS", "CachedSequence", "DecodedBatch", "document_id"]
+__all__ = ["WINDOW_BITS", "CachedSequence", "RowGroup", "document_id"]
 
 # sequence_id = (dataset_row << WINDOW_BITS) | window_index: the low bits number the windows of one document.
 WINDOW_BITS = 16
@@ -62,7 +62,7 @@ class CachedSequence:
 
 
 @dataclass
-class DecodedBatch:
+class RowGroup:
     """A decoded row group: B sequences, T tokens, P = T - B positions, flat arrays with offsets."""
 
     sequence_id: np.ndarray  # int64 [B]

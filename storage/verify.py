@@ -11,7 +11,7 @@ import numpy as np
 from logitcache.storage.codec import LogprobCodec
 from logitcache.storage.invariants import value_problems
 from logitcache.storage.reader import CacheReader
-from logitcache.storage.records import DecodedBatch
+from logitcache.storage.records import RowGroup
 from logitcache.storage.schema import CacheFormatError
 
 __all__ = ["VerifyReport", "verify_cache", "head_mass_tolerance"]
@@ -41,11 +41,11 @@ def head_mass_tolerance(codec: LogprobCodec, probs: np.ndarray) -> np.ndarray:
     return (probs * np.expm1(err)[None, :]).sum(axis=1) + _FLOAT_SLACK
 
 
-def _check_batch(b: DecodedBatch, reader: CacheReader) -> list[str]:
+def _check_row_group(group: RowGroup, reader: CacheReader) -> list[str]:
     """The writer's value invariants, plus head + tail = 1 within the codec's error (a decoded-data check)."""
-    problems = value_problems(b, reader.padded_vocab_size)
-    probs = np.where(b.topk_ids >= 0, np.exp(b.topk_logprobs.astype(np.float64)), 0.0)
-    gap = np.abs(probs.sum(axis=1) + b.tail_mass - 1.0)
+    problems = value_problems(group, reader.padded_vocab_size)
+    probs = np.where(group.topk_ids >= 0, np.exp(group.topk_logprobs.astype(np.float64)), 0.0)
+    gap = np.abs(probs.sum(axis=1) + group.tail_mass - 1.0)
     bad = gap > head_mass_tolerance(reader.codec, probs)
     if np.any(bad):
         problems.append(
@@ -87,12 +87,12 @@ def verify_cache(path: str) -> VerifyReport:
         try:
             if reader.parquet_file(i).schema_arrow.remove_metadata() != reader.schema.remove_metadata():
                 problems.append("schema differs from the codec's schema")
-            for b in reader.iter_batches([i]):
-                counts["seq"] += len(b)
-                counts["tok"] += int(b.token_offsets[-1])
-                report.num_positions += int(b.position_offsets[-1])
-                ids_here.append(b.sequence_id)
-                problems.extend(p for p in _check_batch(b, reader) if p not in problems)
+            for group in reader.iter_row_groups([i]):
+                counts["seq"] += len(group)
+                counts["tok"] += int(group.token_offsets[-1])
+                report.num_positions += int(group.position_offsets[-1])
+                ids_here.append(group.sequence_id)
+                problems.extend(p for p in _check_row_group(group, reader) if p not in problems)
         except CacheFormatError as e:
             problems.append(str(e).split(": ", 1)[-1])
             continue

@@ -2,11 +2,11 @@
 
 Order of a training stream (everything is a pure function of seed, epoch, rank and worker, so a resumed run sees
 exactly the batches an uninterrupted one would):
-1. Units are the cache's row groups (split into equal parts when there are fewer row groups than readers, so every
-   rank and worker has data even in a tiny cache).
-2. Each epoch permutes the units with a generator seeded by (seed, epoch) and deals them round-robin to ranks, then
-   each rank's share round-robin to its dataloader workers: disjoint, and every unit is read once per epoch.
-3. Each reader's units are taken `shuffle_units` at a time (a block), and the training rows (sequence ids not held
+1. Parts are the cache's row groups, or equal slices of each row group when there are fewer row groups than readers
+   (so every rank and worker has data even in a tiny cache).
+2. Each epoch permutes the parts with a generator seeded by (seed, epoch) and deals them round-robin to ranks, then
+   each rank's share round-robin to its dataloader workers: disjoint, and every part is read once per epoch.
+3. Each reader's parts are taken `shuffle_units` at a time (a block), and the training rows (sequence ids not held
    out) of a whole block are shuffled together with a generator seeded by (seed, epoch, rank, worker, block): a
    row group holds neighbouring windows of a few documents (about 8 sequences at L=4096, k=64), so shuffling within
    one would fill a batch with windows of one document. Block shuffling as in mosaicml/streaming's `py1b`.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.storage import CachedSequence, CacheReader, DecodedBatch, document_id
+from logitcache.storage import CachedSequence, CacheReader, RowGroup, document_id
 
 __all__ = [
     "splitmix64",
@@ -63,10 +63,10 @@ def held_out_mask(sequence_ids: np.ndarray, eval_fraction: float) -> np.ndarray:
     return u < eval_fraction
 
 
-def plan_parts(units: list[tuple[int, int, int]], min_parts: int) -> list[tuple[int, int, int, int]]:
-    """(shard, row_group, part, num_parts) reading units; each row group is split into num_parts sequence ranges
+def plan_parts(row_groups: list[tuple[int, int, int]], min_parts: int) -> list[tuple[int, int, int, int]]:
+    """(shard, row_group, part, num_parts) for every part; each row group is split into num_parts sequence ranges
     when the cache has fewer row groups than `min_parts` (ranks x workers), so that no reader is left idle."""
-    nonempty = [u for u in units if u[2] > 0]
+    nonempty = [g for g in row_groups if g[2] > 0]
     if not nonempty:
         return []
     splits = max(1, math.ceil(min_parts / len(nonempty)))
@@ -160,8 +160,8 @@ def masked_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class CacheStream(IterableDataset):
     """Batches from a cache: the training stream (endless, shuffled, resumable) or the held-out split (one pass).
 
-    Yields `collate` dicts. Each (rank, worker) reads a disjoint set of units (see the module docstring), and
-    shuffles the training rows of `shuffle_units` units (row groups) at a time: it holds that many decoded row groups
+    Yields `collate` dicts. Each (rank, worker) reads a disjoint set of parts (see the module docstring), and
+    shuffles the training rows of `shuffle_units` parts at a time: it holds that many decoded row groups
     in memory (16 MiB of raw arrays each at the writer's default), and a batch mixes sequences from as many. With
     `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
     pass stops after `max_sequences` held-out sequences (0: all); every rank yields the same number of batches, the
@@ -188,7 +188,7 @@ class CacheStream(IterableDataset):
         if batch_unit not in ("sequences", "tokens"):
             raise ValueError(f"batch_unit must be 'sequences' or 'tokens', got {batch_unit!r}")
         if shuffle_units < 1:
-            raise ValueError(f"shuffle_units must be at least 1 (row groups shuffled together), got {shuffle_units}")
+            raise ValueError(f"shuffle_units must be at least 1 (parts shuffled together), got {shuffle_units}")
         self.cache, self.seed, self.split = cache, seed, split
         self.batch_count, self.batch_unit = batch_count, batch_unit
         self.eval_fraction, self.rank, self.world_size = eval_fraction, rank, world_size
@@ -213,22 +213,22 @@ class CacheStream(IterableDataset):
             )
         self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_units")}
 
-    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[DecodedBatch, np.ndarray]:
-        """One reading unit and the int64 indices of its rows in this split, in storage order."""
-        shard, group, p, n = part
-        batch = reader.read_unit(shard, group)
-        lo, hi = _part_rows(len(batch), p, n)
-        held = held_out_mask(batch.sequence_id[lo:hi], self.eval_fraction)
-        return batch, lo + np.flatnonzero(held if self.split == "eval" else ~held)
+    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[RowGroup, np.ndarray]:
+        """A part's row group and the int64 indices of the part's rows in this split, in storage order."""
+        shard, group_index, p, n = part
+        group = reader.read_row_group(shard, group_index)
+        lo, hi = _part_rows(len(group), p, n)
+        held = held_out_mask(group.sequence_id[lo:hi], self.eval_fraction)
+        return group, lo + np.flatnonzero(held if self.split == "eval" else ~held)
 
     def _block(
-        self, reader: CacheReader, parts: list[tuple[int, int, int, int]], units: np.ndarray, rng: np.random.Generator
-    ) -> tuple[list[DecodedBatch], np.ndarray]:
-        """The decoded units of a block and its training rows shuffled together: int64 [n, 2] (unit in block, row)."""
+        self, reader: CacheReader, parts: list[tuple[int, int, int, int]], block: np.ndarray, rng: np.random.Generator
+    ) -> tuple[list[RowGroup], np.ndarray]:
+        """The decoded parts of a block and its training rows shuffled together: int64 [n, 2] (part in block, row)."""
         decoded, rows = [], [np.zeros((0, 2), dtype=np.int64)]
-        for j, u in enumerate(units):
-            batch, keep = self._rows(reader, parts[int(u)])
-            decoded.append(batch)
+        for j, index in enumerate(block):
+            group, keep = self._rows(reader, parts[int(index)])
+            decoded.append(group)
             rows.append(np.stack([np.full_like(keep, j), keep], axis=1))
         shuffled = np.concatenate(rows)
         return decoded, shuffled[rng.permutation(len(shuffled))]
@@ -249,7 +249,7 @@ class CacheStream(IterableDataset):
         if self.split == "eval":
             yield from self._iter_eval(reader)
             return
-        parts = plan_parts(reader.units(), self.world_size * num_workers)
+        parts = plan_parts(reader.row_groups(), self.world_size * num_workers)
         if not parts:
             raise ValueError(f"{self.cache}: the cache holds no sequences to train on")
         vocab = reader.vocab_size
@@ -285,14 +285,14 @@ class CacheStream(IterableDataset):
         """Every rank's held-out batches, in storage order (the same on all ranks), up to `max_sequences`."""
         pending: list[CachedSequence] = []
         taken = 0
-        for shard, group, rows in reader.units():
+        for shard, group_index, rows in reader.row_groups():
             if rows == 0:
                 continue
-            batch, keep = self._rows(reader, (shard, group, 0, 1))
+            group, keep = self._rows(reader, (shard, group_index, 0, 1))
             for i in keep:
                 if self.max_sequences and taken >= self.max_sequences:
                     break
-                seq = batch.sequence(int(i))
+                seq = group.sequence(int(i))
                 if self._full(pending, seq):
                     yield pending
                     pending = []

@@ -42,12 +42,12 @@ def test_round_trip_every_field(small_cache: tuple[Path, list[CachedSequence]]) 
         assert g.topk_ids.dtype == np.int32 and g.topk_logprobs.dtype == np.float32
 
 
-def test_units_cover_every_sequence_once(small_cache: tuple[Path, list[CachedSequence]]) -> None:
+def test_row_groups_cover_every_sequence_once(small_cache: tuple[Path, list[CachedSequence]]) -> None:
     path, seqs = small_cache
     r = CacheReader(path)
-    units = r.units()
-    assert sum(n for _, _, n in units) == len(seqs)
-    ids = np.concatenate([r.read_unit(s, g).sequence_id for s, g, _ in units])
+    row_groups = r.row_groups()
+    assert sum(n for _, _, n in row_groups) == len(seqs)
+    ids = np.concatenate([r.read_row_group(s, g).sequence_id for s, g, _ in row_groups])
     assert sorted(ids.tolist()) == sorted(s.sequence_id for s in seqs)
     m = r.manifest
     assert m["totals"]["num_sequences"] == len(seqs)
@@ -143,7 +143,7 @@ def test_missing_shard_error_names_file(small_cache: tuple[Path, list[CachedSequ
     shard = _first_shard(path)
     shard.unlink()
     with pytest.raises(CacheFormatError, match=rf"{shard.name}.*cannot open"):
-        CacheReader(path).units()
+        CacheReader(path).row_groups()
 
 
 def test_unknown_version_and_codec_refused(small_cache: tuple[Path, list[CachedSequence]]) -> None:

@@ -118,7 +118,7 @@ def _epoch0_ids(cache: Path, rank: int, world: int, workers: int, seed: int = 0)
 
 def test_ranks_and_workers_read_disjoint_shares_of_the_training_split(synth_cache: Path) -> None:
     reader = CacheReader(synth_cache)
-    all_ids = np.concatenate([b.sequence_id for b in reader.iter_batches()])
+    all_ids = np.concatenate([g.sequence_id for g in reader.iter_row_groups()])
     train_ids = set(all_ids[~held_out_mask(all_ids, 0.2)].tolist())
     shares = [_epoch0_ids(synth_cache, r, 2, 2) for r in range(2)]
     assert set(shares[0]).isdisjoint(shares[1])
@@ -148,8 +148,8 @@ def test_resume_from_state_dict_continues_with_the_same_batches(synth_cache: Pat
 
 def test_collate_aligns_teacher_arrays_with_student_positions(synth_cache: Path) -> None:
     reader = CacheReader(synth_cache)
-    unit = reader.read_unit(0, 0)
-    seqs = [unit.sequence(i) for i in range(3)]
+    group = reader.read_row_group(0, 0)
+    seqs = [group.sequence(i) for i in range(3)]
     b = collate(seqs, reader.vocab_size)
     width = b["input_ids"].shape[1]
     expected_pos = []
@@ -169,7 +169,7 @@ def test_collate_aligns_teacher_arrays_with_student_positions(synth_cache: Path)
 
 def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -> None:
     reader = CacheReader(synth_cache)
-    seq = reader.read_unit(0, 0).sequence(0)
+    seq = reader.read_row_group(0, 0).sequence(0)
     full = collate([seq], reader.vocab_size)
     cut = collate([seq], reader.vocab_size, top_k_used=3)
     assert cut["topk_ids"].shape[1] == 3
@@ -213,11 +213,11 @@ def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Pat
 
 def test_shuffle_buffer_mixes_the_windows_of_a_document_across_batches(document_cache: Path) -> None:
     reader = CacheReader(document_cache)
-    rows = [n for *_, n in reader.units()]
+    rows = [n for *_, n in reader.row_groups()]
     assert set(rows[:-1]) == {SEQS_PER_ROW_GROUP}
-    one_unit = same_document_pair_share(document_cache, shuffle_units=1)  # a batch from one row group at a time
+    one_part = same_document_pair_share(document_cache, shuffle_units=1)  # a batch from one row group at a time
     default = same_document_pair_share(document_cache)
-    assert default < one_unit / 4, (one_unit, default)
+    assert default < one_part / 4, (one_part, default)
 
 
 def test_resume_mid_epoch_with_the_shuffle_buffer_continues_with_the_same_batches(document_cache: Path) -> None:
