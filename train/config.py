@@ -174,7 +174,7 @@ class TrainConfig:
     shuffle_units: int = field(
         default=8,
         metadata={
-            "help": "Row groups whose sequences each reader shuffles together (a shuffle buffer: more mixes better, each costs one decoded row group of memory)."
+            "help": "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory."
         },
     )
     eval_fraction: float = field(
