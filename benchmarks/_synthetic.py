@@ -14,7 +14,7 @@ The model (all numpy, vectorised per sequence; no [positions, V] array is ever b
   exact without touching the other V - |boosted| tokens; the top-k is taken over the boosted tokens plus the
   k + |boosted| highest-prior tokens, which provably contain the true top-k. Tail mass = 1 - sum(head) in float64.
 - The next token (input_ids[t+1]) is sampled from the teacher distribution (head, or the tail through the
-  prior), and target_logprobs holds its exact log-prob.
+  prior), and next_token_logprobs holds its exact log-prob.
 
 `generate(...)` returns a list of `logitcache.storage.CachedSequence`; `distribution_stats(...)` summarises
 entropy / top-1 / tail mass so a benchmark can print what it measured on.
@@ -156,9 +156,9 @@ class _Sampler:
             sequence_id=seq_id,
             input_ids=input_ids,
             loss_mask=np.ones(length, dtype=bool),
-            topk_ids=self.id_of_rank[top_rank].astype(np.int32),
-            topk_logprobs=top_lp.astype(np.float32),
-            target_logprobs=target.astype(np.float32),
+            entry_ids=self.id_of_rank[top_rank].astype(np.int32),
+            entry_logprobs=top_lp.astype(np.float32),
+            next_token_logprobs=target.astype(np.float32),
             tail_mass=tail.astype(np.float32),
         )
 
@@ -194,7 +194,7 @@ def generate(
 def distribution_stats(seqs: list[CachedSequence], entropies: list[np.ndarray] | None = None) -> dict[str, float]:
     """Entropy (nats: exact if `entropies` from generate() is given, else head + tail as one bucket), top-1 prob,
     tail mass and the overlap of neighbouring positions' top-k sets."""
-    lp = np.concatenate([s.topk_logprobs for s in seqs]).astype(np.float64)
+    lp = np.concatenate([s.entry_logprobs for s in seqs]).astype(np.float64)
     tail = np.concatenate([s.tail_mass for s in seqs]).astype(np.float64)
     p = np.exp(lp)
     if entropies:
@@ -203,7 +203,7 @@ def distribution_stats(seqs: list[CachedSequence], entropies: list[np.ndarray] |
         ent = -(p * lp).sum(axis=1) - np.where(tail > 0, tail * np.log(np.maximum(tail, 1e-300)), 0.0)
     overlaps = []
     for s in seqs:
-        a, b = np.sort(s.topk_ids[:-1], axis=1), np.sort(s.topk_ids[1:], axis=1)
+        a, b = np.sort(s.entry_ids[:-1], axis=1), np.sort(s.entry_ids[1:], axis=1)
         k = a.shape[1]
         # |A ∩ B| per row via a merged sort
         both = np.sort(np.concatenate([a, b], axis=1), axis=1)

@@ -61,7 +61,7 @@ from logitcache.storage.writer import PARQUET_OPTIONS, encode_table  # noqa: E40
 ROW_GROUP_BYTES = 16 << 20  # ShardWriter's default
 BASELINE_OPTIONS: dict[str, Any] = {"compression": "zstd"}  # everything else: pyarrow's defaults
 BSS_COLS = "use_byte_stream_split"
-LIST_COLS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprobs", "tail_mass")
+LIST_COLS = ("input_ids", "loss_mask", "entry_ids", "entry_logprobs", "next_token_logprobs", "tail_mass")
 
 
 def leaf(col: str) -> str:
@@ -77,8 +77,8 @@ class Variant:
     # "default" = storage's PARQUET_OPTIONS (per-column lists given as leaf paths), "baseline" = BASELINE_OPTIONS
     base: str = "default"
     overrides: tuple[tuple[str, Any], ...] = ()
-    ids: str = "int32"  # int32 | uint16 | flba2 | flba3 (physical type of the topk_ids values)
-    ids_bss: bool | None = None  # add/remove topk_ids from the byte-stream-split list; None: as in the options
+    ids: str = "int32"  # int32 | uint16 | flba2 | flba3 (physical type of the entry_ids values)
+    ids_bss: bool | None = None  # add/remove entry_ids from the byte-stream-split list; None: as in the options
     remap: bool = False  # frequency-ranked id remap
     max_vocab: int | None = None  # skipped when V is larger
 
@@ -88,7 +88,7 @@ class Variant:
         opts.update(dict(self.overrides))
         if self.ids_bss is not None:
             cols = list(opts.get(BSS_COLS) or [])
-            cols = [c for c in cols if c != leaf("topk_ids")] + ([leaf("topk_ids")] if self.ids_bss else [])
+            cols = [c for c in cols if c != leaf("entry_ids")] + ([leaf("entry_ids")] if self.ids_bss else [])
             opts[BSS_COLS] = cols or False
         return opts
 
@@ -102,7 +102,7 @@ def variants(vocab_size: int, top_k: int) -> list[Variant]:
         Variant("default, zstd level 1", "physical", overrides=(("compression_level", 1),)),
         Variant("default, zstd level 9", "physical", overrides=(("compression_level", 9),)),
         Variant("default, dictionary on (all columns)", "physical", overrides=(("use_dictionary", True),)),
-        Variant("default, dictionary on topk_ids", "physical", overrides=(("use_dictionary", [leaf("topk_ids")]),)),
+        Variant("default, dictionary on entry_ids", "physical", overrides=(("use_dictionary", [leaf("entry_ids")]),)),
         Variant("default, data page v1", "physical", overrides=(("data_page_version", "1.0"),)),
         Variant("default, 8 MiB data pages", "physical", overrides=(("data_page_size", 8 << 20),)),
         # id layouts
@@ -174,7 +174,7 @@ class IdRemap:
     def from_sample(cls, seqs: Sequence[CachedSequence], vocab_size: int) -> IdRemap:
         counts = np.zeros(vocab_size, dtype=np.int64)
         for s in seqs:
-            ids = s.topk_ids.reshape(-1)
+            ids = s.entry_ids.reshape(-1)
             np.add.at(counts, ids[ids >= 0], 1)
         order = np.argsort(-counts, kind="stable").astype(np.int32)  # unseen ids keep id order after the seen
         rank = np.empty(vocab_size, dtype=np.int32)
@@ -190,7 +190,7 @@ class Prepared:
     variant: Variant
     codec: LogprobCodec
     schema: pa.Schema  # encode_table's schema (the storage schema for the codec)
-    out_schema: pa.Schema  # what is written (topk_ids type may differ)
+    out_schema: pa.Schema  # what is written (entry_ids type may differ)
     options: dict[str, Any]
     custom_ids: bool
 
@@ -201,8 +201,8 @@ class Prepared:
         out_schema = schema
         if custom:
             typ = {"int32": pa.int32(), "uint16": pa.uint16(), "flba2": pa.binary(2), "flba3": pa.binary(3)}[v.ids]
-            i = schema.get_field_index("topk_ids")
-            out_schema = schema.set(i, pa.field("topk_ids", pa.list_(typ), nullable=False))
+            i = schema.get_field_index("entry_ids")
+            out_schema = schema.set(i, pa.field("entry_ids", pa.list_(typ), nullable=False))
         return cls(v, parse_codec(v.codec), schema, out_schema, v.options(), custom)
 
 
@@ -212,7 +212,7 @@ def encode(p: Prepared, groups: Sequence[Sequence[CachedSequence]], top_k: int, 
         for g in groups:
             t = encode_table(g, p.codec, top_k, p.schema)
             if p.custom_ids:
-                i = t.schema.get_field_index("topk_ids")
+                i = t.schema.get_field_index("entry_ids")
 
                 def phys(values: pa.Array) -> pa.Array:
                     ids = values.to_numpy()
@@ -236,12 +236,12 @@ def decode(p: Prepared, buf: pa.Buffer, top_k: int, remap: IdRemap | None) -> li
     for g in range(pf.num_row_groups):
         t = pf.read_row_group(g, use_threads=False)
         if p.custom_ids and p.variant.ids.startswith("flba"):
-            i = t.schema.get_field_index("topk_ids")
-            t = t.set_column(i, "topk_ids", _list_with(t.column(i), to_int32))
+            i = t.schema.get_field_index("entry_ids")
+            t = t.set_column(i, "entry_ids", _list_with(t.column(i), to_int32))
         b = decode_table(t, p.codec, top_k, "bench")
         if p.variant.remap:
             assert remap is not None
-            b.topk_ids = remap.id_of_rank[b.topk_ids]
+            b.entry_ids = remap.id_of_rank[b.entry_ids]
         out.append(b)
     return out
 
@@ -270,7 +270,7 @@ def row_groups(seqs: Sequence[CachedSequence], row_group_bytes: int) -> list[lis
     size = 0
     for s in seqs:
         groups[-1].append(s)
-        size += sum(a.nbytes for a in (s.input_ids, s.topk_ids, s.topk_logprobs, s.target_logprobs, s.tail_mass))
+        size += sum(a.nbytes for a in (s.input_ids, s.entry_ids, s.entry_logprobs, s.next_token_logprobs, s.tail_mass))
         if size >= row_group_bytes:
             groups.append([])
             size = 0
@@ -335,8 +335,8 @@ def measure_config(
     remap = IdRemap.from_sample(calib, vocab_size)
     groups = row_groups(seqs, ROW_GROUP_BYTES)
     num_tokens = sum(s.num_tokens for s in seqs)
-    ref_lp = np.concatenate([s.topk_logprobs for s in seqs])
-    ref_ids = np.concatenate([s.topk_ids for s in seqs])
+    ref_lp = np.concatenate([s.entry_logprobs for s in seqs])
+    ref_ids = np.concatenate([s.entry_ids for s in seqs])
     ref_p = np.exp(ref_lp.astype(np.float64))
 
     preps = [Prepared.of(v) for v in variants(vocab_size, top_k)]
@@ -344,10 +344,10 @@ def measure_config(
     for p in preps:  # first pass: sizes, correctness, error (not timed)
         buf = encode(p, groups, top_k, remap)
         batches = decode(p, buf, top_k, remap)
-        ids = np.concatenate([b.topk_ids for b in batches])
+        ids = np.concatenate([b.entry_ids for b in batches])
         if not np.array_equal(ids, ref_ids):
             raise AssertionError(f"{p.variant.name}: ids do not round-trip")
-        err = np.abs(np.concatenate([b.topk_logprobs for b in batches]).astype(np.float64) - ref_lp)
+        err = np.abs(np.concatenate([b.entry_logprobs for b in batches]).astype(np.float64) - ref_lp)
         results.append(
             Result(
                 p.variant,
@@ -401,10 +401,10 @@ def _varint(a: np.ndarray) -> bytes:
 def id_stream_experiment(
     seqs: Sequence[CachedSequence], calib: Sequence[CachedSequence], remap: IdRemap, num_tokens: int, seed: int
 ) -> list[dict[str, Any]]:
-    """The topk_ids stream alone: zstd (level 3) per chunk, with vs without a dictionary trained on the calibration
+    """The entry_ids stream alone: zstd (level 3) per chunk, with vs without a dictionary trained on the calibration
     sample's id streams (zstandard), for several layouts; plus the order-0 entropy as a reference."""
-    ids = np.concatenate([s.topk_ids.reshape(-1) for s in seqs]).astype("<i4")
-    cal = np.concatenate([s.topk_ids.reshape(-1) for s in calib]).astype("<i4")
+    ids = np.concatenate([s.entry_ids.reshape(-1) for s in seqs]).astype("<i4")
+    cal = np.concatenate([s.entry_ids.reshape(-1) for s in calib]).astype("<i4")
     vocab = len(remap.rank_of_id) - 1
     # counterfactual: a tokenizer whose id order is unrelated to frequency (random permutation of the ids)
     perm = np.random.default_rng(seed + 7).permutation(vocab).astype("<i4")
@@ -490,9 +490,9 @@ def markdown(run: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res:
-        ids, lps = r.col_bpt("topk_ids"), r.col_bpt("topk_logprobs")
+        ids, lps = r.col_bpt("entry_ids"), r.col_bpt("entry_logprobs")
         lines.append(
-            f"| {r.variant.name} | {r.encodings.get('topk_ids')} / {r.encodings.get('topk_logprobs')} | {r.bpt:.1f} | {ids:.1f} | {lps:.1f} | {r.bpt - ids - lps:.1f} "
+            f"| {r.variant.name} | {r.encodings.get('entry_ids')} / {r.encodings.get('entry_logprobs')} | {r.bpt:.1f} | {ids:.1f} | {lps:.1f} | {r.bpt - ids - lps:.1f} "
             f"| {r.file_bytes / base.file_bytes:.3f} | {r.enc_tps / 1e3:.0f}k | {r.enc_tps / base.enc_tps:.2f} "
             f"| {r.enc_cpu_tps / base.enc_cpu_tps:.2f} | {r.dec_tps / 1e3:.0f}k | {r.dec_tps / base.dec_tps:.2f} "
             f"| {r.dec_cpu_tps / base.dec_cpu_tps:.2f} | {r.err_max:.2e} | {r.err_mean:.2e} "

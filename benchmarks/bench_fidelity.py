@@ -85,9 +85,9 @@ def write_variant(
                 sequence_id=i,
                 input_ids=ids.astype(np.int32),
                 loss_mask=np.ones(len(ids), bool),
-                topk_ids=top_id.numpy().astype(np.int32),
-                topk_logprobs=top_lp.numpy(),
-                target_logprobs=target.numpy(),
+                entry_ids=top_id.numpy().astype(np.int32),
+                entry_logprobs=top_lp.numpy(),
+                next_token_logprobs=target.numpy(),
                 tail_mass=tail.numpy(),
             )
 
@@ -95,8 +95,8 @@ def write_variant(
     r = CacheReader(root)
     groups = list(r.iter_row_groups())
     decoded = {
-        "topk_ids": torch.from_numpy(np.concatenate([g.topk_ids for g in groups]).astype(np.int64)),
-        "topk_logprobs": torch.from_numpy(np.concatenate([g.topk_logprobs for g in groups])),
+        "entry_ids": torch.from_numpy(np.concatenate([g.entry_ids for g in groups]).astype(np.int64)),
+        "entry_logprobs": torch.from_numpy(np.concatenate([g.entry_logprobs for g in groups])),
         "tail_mass": torch.from_numpy(np.concatenate([g.tail_mass for g in groups])),
     }
     return m["totals"]["num_bytes"] / m["totals"]["num_tokens"], decoded
@@ -117,7 +117,7 @@ def signal_error(
     (g_full,) = torch.autograd.grad(full.sum(), z)
     z2 = student_logits.clone().requires_grad_(True)
     bucket = kd_loss_per_position(
-        z2, decoded["topk_ids"], decoded["topk_logprobs"], decoded["tail_mass"], KDSettings(no_tail=no_tail)
+        z2, decoded["entry_ids"], decoded["entry_logprobs"], decoded["tail_mass"], KDSettings(no_tail=no_tail)
     )
     (g_b,) = torch.autograd.grad(bucket.sum(), z2)
     out = {

@@ -97,8 +97,8 @@ class LiveTeacher:
         self.seconds += time.perf_counter() - t0
         return {
             **batch,
-            "topk_ids": torch.arange(v, dtype=torch.int64).expand(n, v).clone(),
-            "topk_logprobs": lp.clone(),
+            "entry_ids": torch.arange(v, dtype=torch.int64).expand(n, v).clone(),
+            "entry_logprobs": lp.clone(),
             "tail_mass": torch.zeros(n, dtype=torch.float32),
         }
 

@@ -70,9 +70,9 @@ def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: 
             sequence_id=i,
             input_ids=tokens.astype(np.int32),
             loss_mask=np.ones(n, dtype=bool),
-            topk_ids=ids.astype(np.int32),
-            topk_logprobs=lp.astype(np.float32),
-            target_logprobs=np.full(p, -5.0, dtype=np.float32),
+            entry_ids=ids.astype(np.int32),
+            entry_logprobs=lp.astype(np.float32),
+            next_token_logprobs=np.full(p, -5.0, dtype=np.float32),
             tail_mass=(1 - np.exp(lp).sum(axis=1)).astype(np.float32),
         )
 

@@ -135,7 +135,7 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
     if group is None or len(group) == 0:
         return
     seq = group.sequence(0)
-    n_pos = seq.topk_ids.shape[0]
+    n_pos = seq.entry_ids.shape[0]
     t_pos = min(position if position is not None else n_pos // 2, n_pos - 1)
     tokenizer = _load_tokenizer(cache_dir, tok.get("name"))
 
@@ -144,13 +144,13 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
 
     click.echo(
         f"sample       sequence {seq.sequence_id}, position {t_pos}: after {show(seq.input_ids[t_pos])} "
-        f"the next token is {show(seq.input_ids[t_pos + 1])} (teacher log-prob {seq.target_logprobs[t_pos]:.3f})"
+        f"the next token is {show(seq.input_ids[t_pos + 1])} (teacher log-prob {seq.next_token_logprobs[t_pos]:.3f})"
     )
     for rank in range(min(8, r.top_k)):
-        tid = seq.topk_ids[t_pos, rank]
+        tid = seq.entry_ids[t_pos, rank]
         if tid < 0:
             break
-        lp = seq.topk_logprobs[t_pos, rank]
+        lp = seq.entry_logprobs[t_pos, rank]
         click.echo(f"   #{rank:<3d} {show(tid):>16}  logp={lp:8.3f}  p={np.exp(lp):.4f}")
     click.echo(f"   tail        p={seq.tail_mass[t_pos]:.4f}")
 

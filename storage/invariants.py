@@ -21,11 +21,11 @@ class ShardValues(Protocol):
     @property
     def input_ids(self) -> np.ndarray: ...
     @property
-    def topk_ids(self) -> np.ndarray: ...
+    def entry_ids(self) -> np.ndarray: ...
     @property
-    def topk_logprobs(self) -> np.ndarray: ...
+    def entry_logprobs(self) -> np.ndarray: ...
     @property
-    def target_logprobs(self) -> np.ndarray: ...
+    def next_token_logprobs(self) -> np.ndarray: ...
     @property
     def tail_mass(self) -> np.ndarray: ...
 
@@ -40,19 +40,19 @@ def _outside(name: str, ids: np.ndarray, low: int, vocab_size: int | None) -> li
 def value_problems(values: ShardValues, vocab_size: int | None) -> list[str]:
     """Each broken invariant, named (empty when all hold); `vocab_size` None skips the upper id bound.
 
-    topk_ids may be -1 (top-k padding, its log-prob -inf or anything: it is ignored).
+    entry_ids may be -1 (top-k padding, its log-prob -inf or anything: it is ignored).
     """
     tol = VALUE_TOLERANCE
     problems = _outside("input_ids", values.input_ids, 0, vocab_size)
-    problems += _outside("topk_ids", values.topk_ids, -1, vocab_size)
-    valid = values.topk_ids >= 0
-    lps = np.where(valid, values.topk_logprobs, -np.inf)
+    problems += _outside("entry_ids", values.entry_ids, -1, vocab_size)
+    valid = values.entry_ids >= 0
+    lps = np.where(valid, values.entry_logprobs, -np.inf)
     if np.any(lps > tol):
         problems.append("top-k log-prob > 0")
     with np.errstate(invalid="ignore"):  # -inf - -inf in the padding is nan, which compares False: fine
         if np.any(np.diff(lps, axis=1) > tol):
             problems.append("top-k log-probs are not sorted in descending order")
-    target = values.target_logprobs
+    target = values.next_token_logprobs
     if np.any(target > tol) or np.any(np.isnan(target)):
         problems.append("target log-probs > 0 or NaN")
     tail = values.tail_mass

@@ -55,9 +55,9 @@ def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -
     tok_off, input_ids = _flat(table.column("input_ids"))
     mask_off, loss_mask = _flat(table.column("loss_mask"))
     pos_off = tok_off - np.arange(len(tok_off))
-    ids_off, ids = _flat(table.column("topk_ids"))
-    lp_off, codes = _flat(table.column("topk_logprobs"))
-    tgt_off, target = _flat(table.column("target_logprobs"))
+    ids_off, ids = _flat(table.column("entry_ids"))
+    lp_off, codes = _flat(table.column("entry_logprobs"))
+    tgt_off, target = _flat(table.column("next_token_logprobs"))
     tail_off, tail = _flat(table.column("tail_mass"))
     if not (
         np.array_equal(mask_off, tok_off)
@@ -71,18 +71,18 @@ def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -
             "entries per sequence); the shard is damaged or was written by another tool"
         )
     num_pos = int(pos_off[-1])
-    topk_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
-    topk_lps = codec.decode(codes.reshape(num_pos, top_k))
-    topk_lps[topk_ids < 0] = -np.inf
+    entry_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
+    entry_lps = codec.decode(codes.reshape(num_pos, top_k))
+    entry_lps[entry_ids < 0] = -np.inf
     return RowGroup(
         sequence_id=seq_ids,
         token_offsets=tok_off,
         position_offsets=pos_off,
         input_ids=input_ids.astype(np.int32, copy=False),
         loss_mask=loss_mask.astype(bool, copy=False),
-        topk_ids=topk_ids,
-        topk_logprobs=topk_lps,
-        target_logprobs=target.astype(np.float32, copy=False),
+        entry_ids=entry_ids,
+        entry_logprobs=entry_lps,
+        next_token_logprobs=target.astype(np.float32, copy=False),
         tail_mass=tail.astype(np.float32, copy=False),
     )
 

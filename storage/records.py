@@ -22,18 +22,18 @@ class CachedSequence:
     """One cached sequence. Position t (0..L-2) is the teacher distribution that predicts input_ids[t+1].
 
     input_ids: int32 [L]; loss_mask: bool [L] (True where the token is a training target);
-    topk_ids: int32 [L-1, k] sorted by teacher log-prob, descending, -1 = padding;
-    topk_logprobs: float32 [L-1, k] log-softmax over the full vocabulary at T=1, -inf where padded;
-    target_logprobs: float32 [L-1] teacher log-prob of input_ids[t+1];
+    entry_ids: int32 [L-1, k] sorted by teacher log-prob, descending, -1 = padding;
+    entry_logprobs: float32 [L-1, k] log-softmax over the full vocabulary at T=1, -inf where padded;
+    next_token_logprobs: float32 [L-1] teacher log-prob of input_ids[t+1];
     tail_mass: float32 [L-1] probability mass outside the top-k, computed before quantization.
     """
 
     sequence_id: int
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    target_logprobs: np.ndarray
+    entry_ids: np.ndarray
+    entry_logprobs: np.ndarray
+    next_token_logprobs: np.ndarray
     tail_mass: np.ndarray
 
     @property
@@ -48,9 +48,9 @@ class CachedSequence:
             problems.append(f"needs at least 2 tokens, got {n}")
         expect = {
             "loss_mask": (n,),
-            "topk_ids": (n - 1, top_k),
-            "topk_logprobs": (n - 1, top_k),
-            "target_logprobs": (n - 1,),
+            "entry_ids": (n - 1, top_k),
+            "entry_logprobs": (n - 1, top_k),
+            "next_token_logprobs": (n - 1,),
             "tail_mass": (n - 1,),
         }
         for name, shape in expect.items():
@@ -70,9 +70,9 @@ class RowGroup:
     position_offsets: np.ndarray  # int64 [B+1] into the per-position arrays
     input_ids: np.ndarray  # int32 [T]
     loss_mask: np.ndarray  # bool [T]
-    topk_ids: np.ndarray  # int32 [P, k]
-    topk_logprobs: np.ndarray  # float32 [P, k]
-    target_logprobs: np.ndarray  # float32 [P]
+    entry_ids: np.ndarray  # int32 [P, k]
+    entry_logprobs: np.ndarray  # float32 [P, k]
+    next_token_logprobs: np.ndarray  # float32 [P]
     tail_mass: np.ndarray  # float32 [P]
 
     def __len__(self) -> int:
@@ -86,8 +86,8 @@ class RowGroup:
             sequence_id=int(self.sequence_id[i]),
             input_ids=self.input_ids[t0:t1],
             loss_mask=self.loss_mask[t0:t1],
-            topk_ids=self.topk_ids[p0:p1],
-            topk_logprobs=self.topk_logprobs[p0:p1],
-            target_logprobs=self.target_logprobs[p0:p1],
+            entry_ids=self.entry_ids[p0:p1],
+            entry_logprobs=self.entry_logprobs[p0:p1],
+            next_token_logprobs=self.next_token_logprobs[p0:p1],
             tail_mass=self.tail_mass[p0:p1],
         )

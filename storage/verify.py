@@ -44,7 +44,7 @@ def head_mass_tolerance(codec: LogprobCodec, probs: np.ndarray) -> np.ndarray:
 def _check_row_group(group: RowGroup, reader: CacheReader) -> list[str]:
     """The writer's value invariants, plus head + tail = 1 within the codec's error (a decoded-data check)."""
     problems = value_problems(group, reader.padded_vocab_size)
-    probs = np.where(group.topk_ids >= 0, np.exp(group.topk_logprobs.astype(np.float64)), 0.0)
+    probs = np.where(group.entry_ids >= 0, np.exp(group.entry_logprobs.astype(np.float64)), 0.0)
     gap = np.abs(probs.sum(axis=1) + group.tail_mass - 1.0)
     bad = gap > head_mass_tolerance(reader.codec, probs)
     if np.any(bad):

@@ -35,7 +35,11 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "compression_level": 3,
     "use_dictionary": False,
     # list columns are matched by their leaf path: the bare column name is silently ignored by pyarrow
-    "use_byte_stream_split": ["topk_logprobs.list.element", "target_logprobs.list.element", "tail_mass.list.element"],
+    "use_byte_stream_split": [
+        "entry_logprobs.list.element",
+        "next_token_logprobs.list.element",
+        "tail_mass.list.element",
+    ],
     "write_page_checksum": True,
     "data_page_version": "2.0",
 }
@@ -74,8 +78,8 @@ def encode_table(seqs: Sequence[CachedSequence], codec: LogprobCodec, top_k: int
     tok_off = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=tok_off[1:])
     pos_off = tok_off - np.arange(len(seqs) + 1)
-    ids = np.concatenate([s.topk_ids for s in seqs]).astype(np.int32, copy=False)
-    lps = np.concatenate([s.topk_logprobs for s in seqs]).astype(np.float32, copy=False)
+    ids = np.concatenate([s.entry_ids for s in seqs]).astype(np.int32, copy=False)
+    lps = np.concatenate([s.entry_logprobs for s in seqs]).astype(np.float32, copy=False)
     codes = codec.encode(lps)
     cols = [
         pa.array(np.array([s.sequence_id for s in seqs], dtype=np.int64), pa.int64()),
@@ -83,7 +87,7 @@ def encode_table(seqs: Sequence[CachedSequence], codec: LogprobCodec, top_k: int
         _list_array(tok_off, np.concatenate([s.loss_mask for s in seqs]).astype(bool, copy=False), pa.bool_()),
         _list_array(pos_off * top_k, ids.reshape(-1), pa.int32()),
         _list_array(pos_off * top_k, codes.reshape(-1), codec.arrow_type),
-        _list_array(pos_off, np.concatenate([s.target_logprobs for s in seqs]).astype(np.float32), pa.float32()),
+        _list_array(pos_off, np.concatenate([s.next_token_logprobs for s in seqs]).astype(np.float32), pa.float32()),
         _list_array(pos_off, np.concatenate([s.tail_mass for s in seqs]).astype(np.float32), pa.float32()),
     ]
     return pa.Table.from_arrays(cols, schema=schema)
@@ -155,7 +159,7 @@ class ShardWriter:
             raise ValueError(f"sequence {seq.sequence_id}: " + "; ".join(problems))
         self._buffer.append(seq)
         self._buffer_bytes += sum(
-            a.nbytes for a in (seq.input_ids, seq.topk_ids, seq.topk_logprobs, seq.target_logprobs, seq.tail_mass)
+            a.nbytes for a in (seq.input_ids, seq.entry_ids, seq.entry_logprobs, seq.next_token_logprobs, seq.tail_mass)
         )
         if self._buffer_bytes < self.row_group_bytes:
             return []

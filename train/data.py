@@ -96,8 +96,8 @@ def collate(
 
     Position t of sequence b (predicting input_ids[b, t+1]) trains when loss_mask[b, t+1]; those N positions are, in
     row-major order: `positions` int64 [N] flat indices into [B, L] (the student's logits at b, t), `targets` int64
-    [N], `topk_ids` int64 [N, K] (-1 = padding), `topk_logprobs` float32 [N, K], `tail_mass` float32 [N],
-    `target_logprobs` float32 [N]. Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L],
+    [N], `entry_ids` int64 [N, K] (-1 = padding), `entry_logprobs` float32 [N, K], `tail_mass` float32 [N],
+    `next_token_logprobs` float32 [N]. Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L],
     `num_tokens` (real tokens), `num_positions` and `epoch` (of the last row) int64 scalars, and `sequence_id`
     int64 [B]. Head entries beyond `top_k_used`, and ids outside
     the tokenizer's vocabulary (padded logit rows), are folded into the tail bucket.
@@ -113,33 +113,33 @@ def collate(
         attention[b, :n] = 1
         t = np.flatnonzero(s.loss_mask[1:])
         pos.append(b * width + t)
-        ids.append(s.topk_ids[t])
-        lps.append(s.topk_logprobs[t])
+        ids.append(s.entry_ids[t])
+        lps.append(s.entry_logprobs[t])
         tail.append(s.tail_mass[t])
-        tgt_lp.append(s.target_logprobs[t])
+        tgt_lp.append(s.next_token_logprobs[t])
     positions = np.concatenate(pos)
-    topk_ids = np.concatenate(ids).astype(np.int64)
-    topk_lps = np.concatenate(lps).astype(np.float32)
+    entry_ids = np.concatenate(ids).astype(np.int64)
+    entry_lps = np.concatenate(lps).astype(np.float32)
     tail_mass = np.concatenate(tail).astype(np.float64)
-    if top_k_used is not None and top_k_used < topk_ids.shape[1]:
-        dropped = np.where(topk_ids[:, top_k_used:] >= 0, np.exp(topk_lps[:, top_k_used:].astype(np.float64)), 0.0)
+    if top_k_used is not None and top_k_used < entry_ids.shape[1]:
+        dropped = np.where(entry_ids[:, top_k_used:] >= 0, np.exp(entry_lps[:, top_k_used:].astype(np.float64)), 0.0)
         tail_mass += dropped.sum(axis=1)
-        topk_ids, topk_lps = topk_ids[:, :top_k_used], topk_lps[:, :top_k_used]
-    outside = topk_ids >= vocab_size
+        entry_ids, entry_lps = entry_ids[:, :top_k_used], entry_lps[:, :top_k_used]
+    outside = entry_ids >= vocab_size
     if outside.any():
-        tail_mass += np.where(outside, np.exp(topk_lps.astype(np.float64)), 0.0).sum(axis=1)
-        topk_ids = np.where(outside, -1, topk_ids)
-        topk_lps = np.where(outside, -np.inf, topk_lps).astype(np.float32)
+        tail_mass += np.where(outside, np.exp(entry_lps.astype(np.float64)), 0.0).sum(axis=1)
+        entry_ids = np.where(outside, -1, entry_ids)
+        entry_lps = np.where(outside, -np.inf, entry_lps).astype(np.float32)
     flat_ids = input_ids.reshape(-1)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "positions": torch.from_numpy(positions),
         "targets": torch.from_numpy(flat_ids[positions + 1]),
-        "topk_ids": torch.from_numpy(np.ascontiguousarray(topk_ids)),
-        "topk_logprobs": torch.from_numpy(np.ascontiguousarray(topk_lps)),
+        "entry_ids": torch.from_numpy(np.ascontiguousarray(entry_ids)),
+        "entry_logprobs": torch.from_numpy(np.ascontiguousarray(entry_lps)),
         "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32)),
-        "target_logprobs": torch.from_numpy(np.concatenate(tgt_lp).astype(np.float32)),
+        "next_token_logprobs": torch.from_numpy(np.concatenate(tgt_lp).astype(np.float32)),
         "num_tokens": torch.tensor(int(lengths.sum())),
         "num_positions": torch.tensor(int(positions.shape[0])),
         "epoch": torch.tensor(epoch),

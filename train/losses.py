@@ -84,8 +84,8 @@ class LossParts(NamedTuple):
 
 def bucket_logprobs(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    entry_ids: torch.Tensor,
+    entry_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     temperature: float = 1.0,
     no_tail: bool = False,
@@ -93,20 +93,20 @@ def bucket_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs on the K+1 buckets (head tokens, then the tail), tempered.
 
-    student_logits: float [N, V] (any float dtype; computed in float32); topk_ids: int [N, K], -1 = padding;
-    topk_logprobs: float [N, K] teacher log-probs at T=1 (ignored where padded); tail_mass: float [N] in [0, 1].
+    student_logits: float [N, V] (any float dtype; computed in float32); entry_ids: int [N, K], -1 = padding;
+    entry_logprobs: float [N, K] teacher log-probs at T=1 (ignored where padded); tail_mass: float [N] in [0, 1].
     Returns (teacher_lp, student_lp, valid): float32 [N, K+1], float32 [N, K+1], bool [N, K+1]. Invalid buckets
     (padding; the tail when `no_tail`) hold _LOG_FLOOR and must be given zero weight. `renormalise_student` only
     matters with `no_tail`: False keeps the student's full-vocabulary log-probs at the head ids (forward KL's baseline).
     """
     z = student_logits.float()
-    valid_head = topk_ids >= 0
-    ids = topk_ids.clamp(min=0).long()
+    valid_head = entry_ids >= 0
+    ids = entry_ids.clamp(min=0).long()
     lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
     s_head = z.gather(-1, ids) - lse_all  # student log q_i at T=1, [N, K]
     neg = torch.full_like(s_head, _LOG_FLOOR)
 
-    t_head = torch.where(valid_head, topk_logprobs.float(), neg)
+    t_head = torch.where(valid_head, entry_logprobs.float(), neg)
     if no_tail:
         # Baseline: renormalised teacher head vs the student's full-vocabulary log-softmax at T, gathered.
         t_lp = torch.log_softmax(t_head / temperature, dim=-1)
@@ -173,20 +173,20 @@ def divergence(
 
 def kd_loss_per_position(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    entry_ids: torch.Tensor,
+    entry_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     settings: KDSettings = DEFAULT_KD,
 ) -> torch.Tensor:
     """KD divergence at each position on the bucketed support (not scaled by T^2; alpha is not applied).
 
-    student_logits: float [N, V]; topk_ids: int [N, K] (-1 = padding); topk_logprobs: float [N, K] (T=1);
+    student_logits: float [N, V]; entry_ids: int [N, K] (-1 = padding); entry_logprobs: float [N, K] (T=1);
     tail_mass: float [N]. Uses settings.loss, beta, temperature and no_tail. Returns float32 [N].
     """
     t_lp, s_lp, valid = bucket_logprobs(
         student_logits,
-        topk_ids,
-        topk_logprobs,
+        entry_ids,
+        entry_logprobs,
         tail_mass,
         settings.temperature,
         settings.no_tail,
@@ -197,8 +197,8 @@ def kd_loss_per_position(
 
 def _chunk_sums(
     logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    entry_ids: torch.Tensor,
+    entry_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
     settings: KDSettings,
@@ -206,7 +206,7 @@ def _chunk_sums(
     """(weighted sum, kd sum, ce sum) of one chunk's positions; logits [C, V]."""
     ce = F.cross_entropy(logits.float(), targets.long(), reduction="sum")
     if settings.alpha > 0.0:
-        kd = kd_loss_per_position(logits, topk_ids, topk_logprobs, tail_mass, settings).sum()
+        kd = kd_loss_per_position(logits, entry_ids, entry_logprobs, tail_mass, settings).sum()
     else:
         kd = logits.new_zeros((), dtype=torch.float32)
     total = settings.alpha * settings.temperature**2 * kd + (1.0 - settings.alpha) * ce
@@ -215,8 +215,8 @@ def _chunk_sums(
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    entry_ids: torch.Tensor,
+    entry_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
     settings: KDSettings = DEFAULT_KD,
@@ -224,11 +224,11 @@ def distillation_loss(
 ) -> LossParts:
     """alpha * T^2 * KD + (1 - alpha) * CE, summed over positions and divided by `normalizer` (default: N).
 
-    All inputs are the loss-mask positions only: student_logits float [N, V]; topk_ids int [N, K];
-    topk_logprobs float [N, K]; tail_mass float [N]; targets int [N] (the real next tokens).
+    All inputs are the loss-mask positions only: student_logits float [N, V]; entry_ids int [N, K];
+    entry_logprobs float [N, K]; tail_mass float [N]; targets int [N] (the real next tokens).
     """
     n = int(targets.shape[0])
-    total, kd, ce = _chunk_sums(student_logits, topk_ids, topk_logprobs, tail_mass, targets, settings)
+    total, kd, ce = _chunk_sums(student_logits, entry_ids, entry_logprobs, tail_mass, targets, settings)
     norm = float(normalizer if normalizer is not None else max(n, 1))
     return LossParts(total=total / norm, kd_sum=kd, ce_sum=ce, num_positions=n)
 
@@ -236,8 +236,8 @@ def distillation_loss(
 def chunked_distillation_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    entry_ids: torch.Tensor,
+    entry_logprobs: torch.Tensor,
     tail_mass: torch.Tensor,
     targets: torch.Tensor,
     settings: KDSettings = DEFAULT_KD,
@@ -262,7 +262,7 @@ def chunked_distillation_loss(
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (hidden[sl], topk_ids[sl], topk_logprobs[sl], tail_mass[sl], targets[sl])
+        args = (hidden[sl], entry_ids[sl], entry_logprobs[sl], tail_mass[sl], targets[sl])
         if torch.is_grad_enabled() and hidden.requires_grad:
             t, k, c = checkpoint(run, *args, use_reentrant=False)
         else:

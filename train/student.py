@@ -271,8 +271,8 @@ class DistillModel(nn.Module):
         return chunked_distillation_loss(
             hidden,
             self.head,
-            batch["topk_ids"],
-            batch["topk_logprobs"],
+            batch["entry_ids"],
+            batch["entry_logprobs"],
             batch["tail_mass"],
             batch["targets"],
             self.settings,
@@ -287,14 +287,14 @@ class DistillModel(nn.Module):
         for s in range(0, hidden.shape[0], chunk):
             sl = slice(s, s + chunk)
             logits = self.head(hidden[sl]).float()
-            ids, tgt = batch["topk_ids"][sl], batch["targets"][sl]
-            kl = kd_loss_per_position(logits, ids, batch["topk_logprobs"][sl], batch["tail_mass"][sl], at_t1)
+            ids, tgt = batch["entry_ids"][sl], batch["targets"][sl]
+            kl = kd_loss_per_position(logits, ids, batch["entry_logprobs"][sl], batch["tail_mass"][sl], at_t1)
             agree = (logits.argmax(dim=-1) == ids[:, 0]) & (ids[:, 0] >= 0)
             sums = sums + EvalSums(
                 ce=nn.functional.cross_entropy(logits, tgt, reduction="sum").double(),
                 kl=kl.sum().double(),
                 top1_agreements=agree.sum().double(),
                 positions=torch.tensor(float(tgt.shape[0]), dtype=torch.float64, device=hidden.device),
-                teacher_nll=-batch["target_logprobs"][sl].double().sum(),
+                teacher_nll=-batch["next_token_logprobs"][sl].double().sum(),
             )
         return sums

@@ -19,7 +19,7 @@ def topk_with_tail(logits: Any, top_k: int, targets: Any) -> tuple[Any, Any, Any
     """Top-k of log_softmax(logits) plus the target log-prob and the exact tail mass.
 
     logits: float [P, V] (any float dtype; computed in float32), targets: int64 [P].
-    Returns topk_ids int64 [P, k], topk_logprobs float32 [P, k] (descending), target_logprobs float32 [P],
+    Returns entry_ids int64 [P, k], entry_logprobs float32 [P, k] (descending), next_token_logprobs float32 [P],
     tail_mass float32 [P].
 
     The tail is exp(logsumexp of the log-probs outside the top-k), not 1 - sum(head): the subtraction loses all
@@ -127,9 +127,9 @@ class HFBackend:
                     sequence_id=w.sequence_id,
                     input_ids=w.input_ids,
                     loss_mask=w.loss_mask,
-                    topk_ids=ids[sl].astype(np.int32),
-                    topk_logprobs=lps[sl].astype(np.float32),
-                    target_logprobs=tgt[sl].astype(np.float32),
+                    entry_ids=ids[sl].astype(np.int32),
+                    entry_logprobs=lps[sl].astype(np.float32),
+                    next_token_logprobs=tgt[sl].astype(np.float32),
                     tail_mass=tail[sl].astype(np.float32),
                 )
             )

@@ -32,21 +32,21 @@ def vllm_tail_method(vllm_version: str, engine_args: Mapping[str, Any]) -> str:
     return vllm_tail.ENGINE_TAIL
 
 
-def tail_from_topk(topk_logprobs: np.ndarray) -> np.ndarray:
+def tail_from_topk(entry_logprobs: np.ndarray) -> np.ndarray:
     """Mass outside the top-k from full-vocabulary-normalised top-k log-probs: float32 [P] from float [P, k].
 
     The fallback where the in-engine tail (vllm_tail.py) is unavailable: 1 - sum(exp(head)) = -expm1(logsumexp(head)),
     evaluated in float64, is only as exact as the float32 head log-probs, ~1e-7 absolute: a tail below that comes out
     as 0 (a confident position's top-1 log-prob rounds to 0), and one of 1e-7..1e-4 with percent-level error.
     """
-    lp = topk_logprobs.astype(np.float64)
+    lp = entry_logprobs.astype(np.float64)
     m = lp.max(axis=1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(lp - m).sum(axis=1))
     return np.clip(-np.expm1(np.minimum(lse, 0.0)), 0.0, 1.0).astype(np.float32)
 
 
 def decode_flat_prompt_logprobs(flat: Any, input_ids: np.ndarray, top_k: int) -> tuple[np.ndarray, ...]:
-    """vLLM `FlatLogprobs` of one prompt -> (topk_ids int32 [L-1,k], topk_logprobs f32 [L-1,k], target f32 [L-1]).
+    """vLLM `FlatLogprobs` of one prompt -> (entry_ids int32 [L-1,k], entry_logprobs f32 [L-1,k], target f32 [L-1]).
 
     Layout (vLLM 0.32, checked here rather than assumed): position 0 is empty; every later position holds k+1
     entries, the actual next token first (its rank may be anything), then the top-k by rank 1..k. The actual token
@@ -242,9 +242,9 @@ class VLLMBackend:
             sequence_id=window.sequence_id,
             input_ids=window.input_ids,
             loss_mask=window.loss_mask,
-            topk_ids=ids,
-            topk_logprobs=lps,
-            target_logprobs=target,
+            entry_ids=ids,
+            entry_logprobs=lps,
+            next_token_logprobs=target,
             tail_mass=tail,
         )
 

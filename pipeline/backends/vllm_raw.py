@@ -72,7 +72,7 @@ def install() -> bool:
 
 
 def decode_raw_prompt_logprobs(raw: Any, input_ids: np.ndarray, top_k: int) -> tuple[np.ndarray, ...]:
-    """RawPromptLogprobs of one prompt -> (topk_ids int32 [L-1,k], topk_logprobs f32 [L-1,k], target f32 [L-1]).
+    """RawPromptLogprobs of one prompt -> (entry_ids int32 [L-1,k], entry_logprobs f32 [L-1,k], target f32 [L-1]).
 
     Each row is [actual next token, top-1..top-k] as in the flat layout; rows cover prompt positions 0..L-2.
     """

@@ -69,16 +69,16 @@ def engine_tail_unavailable(vllm_version: str, engine_args: Mapping[str, Any]) -
     return None
 
 
-def split_tail_column(topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_tail_column(entry_ids: np.ndarray, entry_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[P, k+1] ids/log-probs whose last column is the engine's tail -> (ids [P,k], log-probs [P,k], tail f32 [P])."""
-    if topk_ids.shape[1] < 2 or not np.all(topk_ids[:, -1] == TAIL_TOKEN_ID):
+    if entry_ids.shape[1] < 2 or not np.all(entry_ids[:, -1] == TAIL_TOKEN_ID):
         raise RuntimeError(
             "vLLM returned no tail column (the last prompt log-prob is a token, not the in-engine tail): the worker "
             f"extension {EXTENSION_CLS} did not run in the model runner"
         )
     # log tail is a moderate negative float32 (e.g. -20 for 2e-9): exp keeps its ~1e-7 relative precision.
-    tail = np.exp(topk_logprobs[:, -1].astype(np.float64)).astype(np.float32)
-    return topk_ids[:, :-1], topk_logprobs[:, :-1], tail
+    tail = np.exp(entry_logprobs[:, -1].astype(np.float64)).astype(np.float32)
+    return entry_ids[:, :-1], entry_logprobs[:, :-1], tail
 
 
 class TailWorkerExtension:

@@ -64,7 +64,7 @@ def _assert_same_content(a: Path, b: Path) -> None:
     assert sorted(sa) == sorted(sb)
     for sid, x in sa.items():
         y = sb[sid]
-        for name in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprobs", "tail_mass"):
+        for name in ("input_ids", "loss_mask", "entry_ids", "entry_logprobs", "next_token_logprobs", "tail_mass"):
             assert np.array_equal(getattr(x, name), getattr(y, name)), (sid, name)
 
 

@@ -42,20 +42,20 @@ def test_matches_full_softmax_reference(tiny_teacher_dir: Path, windows: list[To
     for w, s in zip(windows, seqs):
         ids, lps, target, tail = _reference(backend.model, w)
         n = len(w.input_ids) - 1
-        assert s.sequence_id == w.sequence_id and s.topk_ids.shape == (n, K) and s.topk_ids.dtype == np.int32
-        assert s.topk_logprobs.dtype == np.float32 and s.tail_mass.shape == (n,)
-        np.testing.assert_allclose(s.topk_logprobs, lps, atol=2e-5)
-        np.testing.assert_allclose(s.target_logprobs, target, atol=2e-5)
+        assert s.sequence_id == w.sequence_id and s.entry_ids.shape == (n, K) and s.entry_ids.dtype == np.int32
+        assert s.entry_logprobs.dtype == np.float32 and s.tail_mass.shape == (n,)
+        np.testing.assert_allclose(s.entry_logprobs, lps, atol=2e-5)
+        np.testing.assert_allclose(s.next_token_logprobs, target, atol=2e-5)
         np.testing.assert_allclose(s.tail_mass, tail, atol=1e-6, rtol=1e-4)
         # Same ids wherever the reference has no near-tie at that rank.
         gaps = np.abs(np.diff(lps, axis=1))
         clear = np.concatenate([gaps[:, :1], np.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]], axis=1) > 1e-4
-        assert np.array_equal(s.topk_ids[clear], ids[clear])
+        assert np.array_equal(s.entry_ids[clear], ids[clear])
     # One window at a time (no padding), with a different chunk size: the same numbers.
     alone = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, logits_chunk_size=512)
     for w, s in zip(windows, seqs):
         (a,) = alone.capture([w])
-        np.testing.assert_allclose(a.topk_logprobs, s.topk_logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.entry_logprobs, s.entry_logprobs, atol=1e-5)
         np.testing.assert_allclose(a.tail_mass, s.tail_mass, atol=1e-6)
 
 
@@ -92,6 +92,6 @@ def test_granite_logits_scaling_is_reproduced(tmp_path: Path, windows: list[Toke
     backend = HFBackend(str(tmp_path / "granite"), dtype="float32", top_k=K)
     for w, s in zip(windows, backend.capture(windows)):
         _, lps, target, tail = _reference(backend.model, w)
-        np.testing.assert_allclose(s.topk_logprobs, lps, atol=2e-5)
-        np.testing.assert_allclose(s.target_logprobs, target, atol=2e-5)
+        np.testing.assert_allclose(s.entry_logprobs, lps, atol=2e-5)
+        np.testing.assert_allclose(s.next_token_logprobs, target, atol=2e-5)
         np.testing.assert_allclose(s.tail_mass, tail, atol=1e-6, rtol=1e-4)

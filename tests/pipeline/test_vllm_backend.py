@@ -49,15 +49,15 @@ def windows(tiny_demo_dir: Path, tiny_teacher_dir: Path) -> list[TokenWindow]:
 def _assert_agree(a: Any, b: Any) -> None:
     """Same distributions up to ATOL_NATS; top-k ids equal as sets except for ties at the k-th boundary."""
     assert a.sequence_id == b.sequence_id and np.array_equal(a.input_ids, b.input_ids)
-    np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=ATOL_NATS)
-    np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=ATOL_NATS)
+    np.testing.assert_allclose(a.entry_logprobs, b.entry_logprobs, atol=ATOL_NATS)
+    np.testing.assert_allclose(a.next_token_logprobs, b.next_token_logprobs, atol=ATOL_NATS)
     np.testing.assert_allclose(a.tail_mass, b.tail_mass, atol=1e-5)
-    for t, (x, y) in enumerate(zip(a.topk_ids, b.topk_ids)):
+    for t, (x, y) in enumerate(zip(a.entry_ids, b.entry_ids)):
         if set(x) != set(y):
             # Only tokens whose log-prob ties the k-th one may swap in or out of the set.
-            kth = a.topk_logprobs[t, -1]
+            kth = a.entry_logprobs[t, -1]
             swapped = set(x) ^ set(y)
-            lp = {**dict(zip(x, a.topk_logprobs[t])), **dict(zip(y, b.topk_logprobs[t]))}
+            lp = {**dict(zip(x, a.entry_logprobs[t])), **dict(zip(y, b.entry_logprobs[t]))}
             assert all(abs(lp[i] - kth) <= ATOL_NATS for i in swapped), (a.sequence_id, t, swapped)
 
 
@@ -70,13 +70,13 @@ def test_vllm_matches_hf(vllm_engine: Any, windows: list[TokenWindow], tiny_teac
     assert len(got) == len(windows)
     for a, b in zip(ref, got):
         _assert_agree(a, b)
-        assert b.topk_ids.dtype == np.int32 and b.topk_logprobs.dtype == np.float32
+        assert b.entry_ids.dtype == np.int32 and b.entry_logprobs.dtype == np.float32
     # The flat layout repeats the actual token when it is also in the top-k: its two log-probs must agree.
     hits = 0
     for s in got:
-        rows, cols = np.nonzero(s.topk_ids == s.input_ids[1:, None])
+        rows, cols = np.nonzero(s.entry_ids == s.input_ids[1:, None])
         hits += len(rows)
-        np.testing.assert_array_equal(s.topk_logprobs[rows, cols], s.target_logprobs[rows])
+        np.testing.assert_array_equal(s.entry_logprobs[rows, cols], s.next_token_logprobs[rows])
     assert hits > 0
 
 
@@ -109,7 +109,7 @@ def test_vllm_capture_end_to_end(
     assert vllm_seqs.keys() == hf_seqs.keys()
     for sid, s in vllm_seqs.items():
         assert np.array_equal(s.loss_mask, hf_seqs[sid].loss_mask)
-        np.testing.assert_allclose(s.target_logprobs, hf_seqs[sid].target_logprobs, atol=ATOL_NATS)
+        np.testing.assert_allclose(s.next_token_logprobs, hf_seqs[sid].next_token_logprobs, atol=ATOL_NATS)
 
 
 def test_sequence_at_engine_max_length_is_refused(vllm_engine: Any) -> None:
@@ -133,7 +133,7 @@ def test_raw_logprobs_path_equals_flat(vllm_engine: Any, windows: list[TokenWind
         vllm_engine.logprobs_path = "flat"
         vllm_engine.params = vllm_engine._params(K)
     for a, b in zip(flat, raw):
-        for name in ("topk_ids", "topk_logprobs", "target_logprobs", "tail_mass"):
+        for name in ("entry_ids", "entry_logprobs", "next_token_logprobs", "tail_mass"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     # Requests without the flag still get vLLM's own flat output after the patch.
     assert (

@@ -90,7 +90,7 @@ def fp64_tails(peaked_teacher: Path, windows: list[TokenWindow], tp1: list[Cache
     with torch.inference_mode():
         for w, s in zip(windows, tp1):
             logp = model(torch.as_tensor(w.input_ids[None], dtype=torch.long)).logits[0, :-1].log_softmax(-1)
-            head = torch.as_tensor(s.topk_ids, dtype=torch.long)
+            head = torch.as_tensor(s.entry_ids, dtype=torch.long)
             tails.append(logp.scatter(1, head, float("-inf")).logsumexp(-1).exp().numpy())
     return np.concatenate(tails)
 
@@ -104,7 +104,7 @@ def test_engine_tail_is_exact_where_the_head_sum_gives_zero(tp1_engine: Any, tp1
     from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL
 
     assert tp1_engine.tail_method == ENGINE_TAIL
-    tails, lps = _cat(tp1, "tail_mass"), _cat(tp1, "topk_logprobs")
+    tails, lps = _cat(tp1, "tail_mass"), _cat(tp1, "entry_logprobs")
     assert tails.dtype == np.float32 and np.all(tails > 0)
     np.testing.assert_allclose(tails, fp64_tails, rtol=FP64_TAIL_RTOL, atol=0)
     # The defect the engine path fixes: where the float32 top-1 log-prob is 0, 1 - sum(exp(head)) is 0 too.
@@ -126,9 +126,9 @@ def test_fallback_without_the_engine_tail(tp1_engine: Any, windows: list[TokenWi
         tp1_engine.tail_method = ENGINE_TAIL
         tp1_engine.params = tp1_engine._params(K)
     for a, b in zip(fallback, tp1):
-        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
-        np.testing.assert_array_equal(a.tail_mass, tail_from_topk(a.topk_logprobs))
+        np.testing.assert_array_equal(a.entry_ids, b.entry_ids)
+        np.testing.assert_allclose(a.entry_logprobs, b.entry_logprobs, atol=1e-5)
+        np.testing.assert_array_equal(a.tail_mass, tail_from_topk(a.entry_logprobs))
 
 
 def test_requests_without_the_tail_flag_are_untouched(tp1_engine: Any, windows: list[TokenWindow]) -> None:
@@ -160,14 +160,14 @@ def _assert_same_capture(got: list[CachedSequence], ref: list[CachedSequence]) -
     """Same top-k ids (a swap only between near-tied log-probs), log-probs and tails within tolerance."""
     assert [s.sequence_id for s in got] == [s.sequence_id for s in ref]
     for a, b in zip(got, ref):
-        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=PARALLEL_ATOL_NATS)
-        np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=PARALLEL_ATOL_NATS)
+        np.testing.assert_allclose(a.entry_logprobs, b.entry_logprobs, atol=PARALLEL_ATOL_NATS)
+        np.testing.assert_allclose(a.next_token_logprobs, b.next_token_logprobs, atol=PARALLEL_ATOL_NATS)
         np.testing.assert_allclose(a.tail_mass, b.tail_mass, rtol=PARALLEL_TAIL_RTOL, atol=0)
-        for t in np.nonzero((a.topk_ids != b.topk_ids).any(axis=1))[0]:
+        for t in np.nonzero((a.entry_ids != b.entry_ids).any(axis=1))[0]:
             # Only near-ties reorder (the log-prob columns agree, above) or swap at the k-th boundary.
-            lp = {**dict(zip(a.topk_ids[t], a.topk_logprobs[t])), **dict(zip(b.topk_ids[t], b.topk_logprobs[t]))}
-            swapped = set(a.topk_ids[t]) ^ set(b.topk_ids[t])
-            kth = b.topk_logprobs[t, -1]
+            lp = {**dict(zip(a.entry_ids[t], a.entry_logprobs[t])), **dict(zip(b.entry_ids[t], b.entry_logprobs[t]))}
+            swapped = set(a.entry_ids[t]) ^ set(b.entry_ids[t])
+            kth = b.entry_logprobs[t, -1]
             assert all(abs(lp[i] - kth) <= PARALLEL_ATOL_NATS for i in swapped), (a.sequence_id, t, swapped)
 
 

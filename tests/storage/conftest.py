@@ -24,9 +24,9 @@ def make_sequence(rng: np.random.Generator, sequence_id: int, length: int, vocab
         sequence_id=sequence_id,
         input_ids=ids.astype(np.int32),
         loss_mask=rng.random(length) < 0.8,
-        topk_ids=order.astype(np.int32),
-        topk_logprobs=top.astype(np.float32),
-        target_logprobs=lp[np.arange(length - 1), ids[1:]].astype(np.float32),
+        entry_ids=order.astype(np.int32),
+        entry_logprobs=top.astype(np.float32),
+        next_token_logprobs=lp[np.arange(length - 1), ids[1:]].astype(np.float32),
         tail_mass=np.clip(tail, 0, 1).astype(np.float32),
     )
 

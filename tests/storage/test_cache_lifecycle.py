@@ -47,8 +47,8 @@ def test_write_cache_makes_a_finished_verified_cache(tmp_path: Path) -> None:
 
 def test_write_cache_checks_ids_against_the_padded_vocab(tmp_path: Path) -> None:
     (bad,) = _seqs(1)
-    bad.topk_ids[0, 0] = 300
-    with pytest.raises(ValueError, match=r"topk_ids outside \[-1, 300\)"):
+    bad.entry_ids[0, 0] = 300
+    with pytest.raises(ValueError, match=r"entry_ids outside \[-1, 300\)"):
         write_cache(tmp_path / "c", header(300, 8), [bad])
     with pytest.raises(ValueError, match="num_replicas=2"):
         write_cache(tmp_path / "d", {**header(300, 8), "num_replicas": 2}, [])
@@ -116,10 +116,10 @@ def test_one_value_checker_for_writer_and_verify() -> None:
     """Within VALUE_TOLERANCE the writer accepts; beyond it, the same message comes from both writer and verify."""
     (s,) = _seqs(1)
     assert value_problems(s, 300) == []
-    s.topk_logprobs[:, 0] = VALUE_TOLERANCE / 2  # float rounding of a log-prob near 0: accepted
-    s.topk_logprobs[:, 1:] = np.minimum(s.topk_logprobs[:, 1:], 0.0)
+    s.entry_logprobs[:, 0] = VALUE_TOLERANCE / 2  # float rounding of a log-prob near 0: accepted
+    s.entry_logprobs[:, 1:] = np.minimum(s.entry_logprobs[:, 1:], 0.0)
     assert value_problems(s, 300) == []
-    s.topk_logprobs[0, 0] = 2 * VALUE_TOLERANCE
+    s.entry_logprobs[0, 0] = 2 * VALUE_TOLERANCE
     assert value_problems(s, 300) == ["top-k log-prob > 0"]
     s.tail_mass[0] = -2 * VALUE_TOLERANCE
     assert value_problems(s, 300)[-1] == "tail mass outside [0, 1]"

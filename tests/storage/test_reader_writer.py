@@ -35,11 +35,11 @@ def test_round_trip_every_field(small_cache: tuple[Path, list[CachedSequence]]) 
     for g, s in zip(got, seqs):
         np.testing.assert_array_equal(g.input_ids, s.input_ids)
         np.testing.assert_array_equal(g.loss_mask, s.loss_mask)
-        np.testing.assert_array_equal(g.topk_ids, s.topk_ids)
-        assert np.all(np.abs(g.topk_logprobs - s.topk_logprobs) <= bound + 1e-5)
-        np.testing.assert_array_equal(g.target_logprobs, s.target_logprobs)
+        np.testing.assert_array_equal(g.entry_ids, s.entry_ids)
+        assert np.all(np.abs(g.entry_logprobs - s.entry_logprobs) <= bound + 1e-5)
+        np.testing.assert_array_equal(g.next_token_logprobs, s.next_token_logprobs)
         np.testing.assert_array_equal(g.tail_mass, s.tail_mass)
-        assert g.topk_ids.dtype == np.int32 and g.topk_logprobs.dtype == np.float32
+        assert g.entry_ids.dtype == np.int32 and g.entry_logprobs.dtype == np.float32
 
 
 def test_row_groups_cover_every_sequence_once(small_cache: tuple[Path, list[CachedSequence]]) -> None:
@@ -57,27 +57,27 @@ def test_row_groups_cover_every_sequence_once(small_cache: tuple[Path, list[Cach
 def test_padding_ids_decode_to_neg_inf(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     s = make_sequence(rng, 0, 6, 5, 5)  # vocab 5 < k 8: fewer real entries than k, padded with id -1
-    s.topk_ids = np.pad(s.topk_ids, ((0, 0), (0, 3)), constant_values=-1)
-    s.topk_logprobs = np.pad(s.topk_logprobs, ((0, 0), (0, 3)), constant_values=-np.inf)
+    s.entry_ids = np.pad(s.entry_ids, ((0, 0), (0, 3)), constant_values=-1)
+    s.entry_logprobs = np.pad(s.entry_logprobs, ((0, 0), (0, 3)), constant_values=-np.inf)
     s.tail_mass[:] = 0.0
     write_cache(tmp_path / "c", [s], 5, 8)
     got = next(CacheReader(tmp_path / "c").iter_sequences())
-    assert np.all(np.isneginf(got.topk_logprobs[:, 5:])) and np.all(np.isfinite(got.topk_logprobs[:, :5]))
+    assert np.all(np.isneginf(got.entry_logprobs[:, 5:])) and np.all(np.isfinite(got.entry_logprobs[:, :5]))
 
 
 def test_writer_rejects_wrong_values(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     w = ShardWriter(tmp_path, top_k=8, vocab_size=300)
     bad = make_sequence(rng, 42, 10, 300, 8)
-    bad.topk_logprobs = bad.topk_logprobs[:, ::-1].copy()
+    bad.entry_logprobs = bad.entry_logprobs[:, ::-1].copy()
     with pytest.raises(ValueError, match="sequence 42: .*not sorted"):
         w.write(bad)
     big = make_sequence(rng, 43, 10, 300, 8)
-    big.topk_ids[0, 0] = 300
-    with pytest.raises(ValueError, match=r"sequence 43: topk_ids outside \[-1, 300\)"):
+    big.entry_ids[0, 0] = 300
+    with pytest.raises(ValueError, match=r"sequence 43: entry_ids outside \[-1, 300\)"):
         w.write(big)
     short = make_sequence(rng, 44, 10, 300, 4)
-    with pytest.raises(ValueError, match=r"sequence 44: topk_ids has shape \(9, 4\), expected \(9, 8\)"):
+    with pytest.raises(ValueError, match=r"sequence 44: entry_ids has shape \(9, 4\), expected \(9, 8\)"):
         w.write(short)
 
 
@@ -130,7 +130,7 @@ def test_bit_flip_is_detected_at_read(small_cache: tuple[Path, list[CachedSequen
     path, _ = small_cache
     shard = _first_shard(path)
     data = bytearray(shard.read_bytes())
-    meta = pq.ParquetFile(shard).metadata.row_group(0).column(3)  # topk_ids of row group 0
+    meta = pq.ParquetFile(shard).metadata.row_group(0).column(3)  # entry_ids of row group 0
     pos = meta.data_page_offset + meta.total_compressed_size // 2
     data[pos] ^= 0x10
     shard.write_bytes(bytes(data))
@@ -202,7 +202,7 @@ def test_shards_use_the_documented_encodings(small_cache: tuple[Path, list[Cache
     meta = pq.ParquetFile(next((path / "shards").glob("*.parquet"))).metadata
     rg = meta.row_group(0)
     encodings = {rg.column(i).path_in_schema.split(".")[0]: set(rg.column(i).encodings) for i in range(rg.num_columns)}
-    for col in ("topk_logprobs", "target_logprobs", "tail_mass"):
+    for col in ("entry_logprobs", "next_token_logprobs", "tail_mass"):
         assert "BYTE_STREAM_SPLIT" in encodings[col], (col, encodings[col])
     assert all("RLE_DICTIONARY" not in e and "PLAIN_DICTIONARY" not in e for e in encodings.values()), encodings
     assert all(rg.column(i).compression == "ZSTD" for i in range(rg.num_columns))

@@ -109,10 +109,10 @@ def test_duckdb_reads_shard_columns(small_cache: tuple[Path, list[CachedSequence
     assert n == len(seqs) and tokens == sum(s.num_tokens for s in seqs)
     first = (
         duckdb.connect()
-        .execute(f"SELECT topk_ids[1], tail_mass[1] FROM read_parquet('{glob}') WHERE sequence_id = 0")
+        .execute(f"SELECT entry_ids[1], tail_mass[1] FROM read_parquet('{glob}') WHERE sequence_id = 0")
         .fetchone()
     )
-    assert first[0] == seqs[0].topk_ids[0, 0] and abs(first[1] - seqs[0].tail_mass[0]) < 1e-7
+    assert first[0] == seqs[0].entry_ids[0, 0] and abs(first[1] - seqs[0].tail_mass[0]) < 1e-7
     assert (
         pq.ParquetFile(sorted((path / "shards").glob("*.parquet"))[0]).metadata.row_group(0).column(0).compression
         == "ZSTD"

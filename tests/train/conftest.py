@@ -50,9 +50,9 @@ def sample_sequence(
         sequence_id=sequence_id,
         input_ids=ids.astype(np.int32),
         loss_mask=loss_mask,
-        topk_ids=order.astype(np.int32),
-        topk_logprobs=top.astype(np.float32),
-        target_logprobs=lp[np.arange(length - 1), ids[1:]].astype(np.float32),
+        entry_ids=order.astype(np.int32),
+        entry_logprobs=top.astype(np.float32),
+        next_token_logprobs=lp[np.arange(length - 1), ids[1:]].astype(np.float32),
         tail_mass=np.clip(1.0 - np.exp(top).sum(axis=1), 0.0, 1.0).astype(np.float32),
     )
 

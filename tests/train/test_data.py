@@ -163,7 +163,7 @@ def test_collate_aligns_teacher_arrays_with_student_positions(synth_cache: Path)
     assert torch.equal(b["targets"], b["input_ids"].reshape(-1)[b["positions"] + 1])
     first = seqs[0]
     t0 = int(np.flatnonzero(first.loss_mask[1:])[0])
-    assert b["topk_ids"][0].tolist() == first.topk_ids[t0].tolist()
+    assert b["entry_ids"][0].tolist() == first.entry_ids[t0].tolist()
     assert float(b["tail_mass"][0]) == float(first.tail_mass[t0])
 
 
@@ -172,13 +172,13 @@ def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -
     seq = reader.read_row_group(0, 0).sequence(0)
     full = collate([seq], reader.vocab_size)
     cut = collate([seq], reader.vocab_size, top_k_used=3)
-    assert cut["topk_ids"].shape[1] == 3
-    dropped = full["topk_logprobs"][:, 3:].exp().sum(-1)
+    assert cut["entry_ids"].shape[1] == 3
+    dropped = full["entry_logprobs"][:, 3:].exp().sum(-1)
     torch.testing.assert_close(cut["tail_mass"], (full["tail_mass"] + dropped).clamp(max=1.0))
     # ids at or above the tokenizer's vocabulary (padded logit rows) are not tokens: folded into the tail
-    small_vocab = int(full["topk_ids"][0, 1]) if int(full["topk_ids"][0, 1]) > 0 else 1
+    small_vocab = int(full["entry_ids"][0, 1]) if int(full["entry_ids"][0, 1]) > 0 else 1
     folded = collate([seq], small_vocab)
-    assert int(folded["topk_ids"].max()) < small_vocab
+    assert int(folded["entry_ids"].max()) < small_vocab
     assert float(folded["tail_mass"][0]) > float(full["tail_mass"][0])
 
 
@@ -207,7 +207,7 @@ def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Pat
             assert sum(map(len, real)) == len(single)
             assert [real[i % world][i // world] for i in range(len(single))] == single  # dealt round-robin
             for filler in (b for s in shares for b in s if int(b["num_positions"]) == 0):
-                assert filler["positions"].shape == (0,) and filler["topk_ids"].shape == (0, 8)  # k=8
+                assert filler["positions"].shape == (0,) and filler["entry_ids"].shape == (0, 8)  # k=8
                 assert filler["input_ids"].shape == filler["attention_mask"].shape == (1, 1)
 
 
