@@ -27,6 +27,7 @@ from logitcache.storage.schema import (
     PendingReplicasError,
     ShardEntry,
 )
+from logitcache.storage.targets import TARGET_MODES, SparseTargets, TargetSpec, sparse_targets
 from logitcache.storage.verify import VerifyReport, verify_cache
 from logitcache.storage.writer import ShardWriter
 
@@ -47,6 +48,9 @@ __all__ = [
     "RowGroup",
     "ShardEntry",
     "ShardWriter",
+    "SparseTargets",
+    "TARGET_MODES",
+    "TargetSpec",
     "VALUE_TOLERANCE",
     "VerifyReport",
     "complete_shards",
@@ -57,6 +61,7 @@ __all__ = [
     "parse_codec",
     "replica_prefix",
     "sha256_file",
+    "sparse_targets",
     "tokenizer_fingerprint",
     "verify_cache",
     "write_cache",
