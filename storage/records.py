@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from logitcache.storage.targets import SparseTargets, sparse_targets
+
 __all__ = ["WINDOW_BITS", "CachedSequence", "RowGroup", "document_id"]
 
 # sequence_id = (dataset_row << WINDOW_BITS) | window_index: the low bits number the windows of one document.
@@ -35,6 +37,12 @@ class CachedSequence:
     entry_logprobs: np.ndarray
     next_token_logprobs: np.ndarray
     tail_mass: np.ndarray
+    sample_counts: np.ndarray | None = None  # uint16 [L-1, k]: draws of each entry (0: exact); sampled caches only
+    num_samples: int = 0  # N draws per position (sampled caches), else 0
+
+    def sparse_targets(self) -> SparseTargets:
+        """The sparse target view (storage/targets.py): target ids/probs [L-1, k] and the uncovered mass [L-1]."""
+        return sparse_targets(self.entry_ids, self.entry_logprobs, self.tail_mass, self.sample_counts, self.num_samples)
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +82,12 @@ class RowGroup:
     entry_logprobs: np.ndarray  # float32 [P, k]
     next_token_logprobs: np.ndarray  # float32 [P]
     tail_mass: np.ndarray  # float32 [P]
+    sample_counts: np.ndarray | None = None  # uint16 [P, k] (sampled caches), else None
+    num_samples: int = 0
+
+    def sparse_targets(self) -> SparseTargets:
+        """The sparse target view of every position of the group (storage/targets.py)."""
+        return sparse_targets(self.entry_ids, self.entry_logprobs, self.tail_mass, self.sample_counts, self.num_samples)
 
     def __len__(self) -> int:
         return int(self.sequence_id.shape[0])
@@ -90,4 +104,6 @@ class RowGroup:
             entry_logprobs=self.entry_logprobs[p0:p1],
             next_token_logprobs=self.next_token_logprobs[p0:p1],
             tail_mass=self.tail_mass[p0:p1],
+            sample_counts=None if self.sample_counts is None else self.sample_counts[p0:p1],
+            num_samples=self.num_samples,
         )
