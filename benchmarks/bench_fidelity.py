@@ -129,33 +129,32 @@ def signal_error(
     return out, g_b
 
 
-def main() -> None:
+# (name, codec, parquet options, no_tail); the f32 row comes first: the codecs' own error is measured against it
+VARIANTS: list[tuple[str, str, dict[str, Any] | None, bool]] = [
+    ("f32 (exact values)", "f32", None, False),
+    ("int32 ids + f16 + zstd (baseline)", "f16", BASELINE_OPTIONS, False),
+    ("default: lpq16 1/512x4, 1/32", "lpq16:fine=1/512x4,coarse=1/32", None, False),
+    ("lpq16 1/512x8, 1/64", "lpq16:fine=1/512x8,coarse=1/64", None, False),
+    ("lpq16 1/256x1, 1/16", "lpq16:fine=1/256x1,coarse=1/16", None, False),
+    ("f32, tail dropped (renormalised head)", "f32", None, True),
+]
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-work", default=None, help="demo build dir holding teacher/ and data/ (default: built)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: only checks that the benchmark runs")
-    args = ap.parse_args()
-    import torch
+    return ap.parse_args()
 
-    torch.manual_seed(0)
-    work = Path(args.teacher_work) if args.teacher_work else ensure_teacher(args.quick)
-    data = teacher_outputs(work / "teacher", work / "data" / "heldout.jsonl", 200 if args.quick else 4000)
+
+def measure(data: dict[str, Any], student: Any, ks: list[int]) -> list[dict[str, Any]]:
+    """One row per (k, variant): bytes per token and the signal errors of `signal_error`, printed as they come."""
     logp = data["logp"]
-    gen = torch.Generator().manual_seed(0)
-    student = logp * 0.7 + torch.randn(logp.shape, generator=gen)
-    ks = [8, 32] if args.quick else [8, 32, 64, 128]
-    variants = [
-        ("f32 (exact values)", "f32", None, False),
-        ("int32 ids + f16 + zstd (baseline)", "f16", BASELINE_OPTIONS, False),
-        ("default: lpq16 1/512x4, 1/32", "lpq16:fine=1/512x4,coarse=1/32", None, False),
-        ("lpq16 1/512x8, 1/64", "lpq16:fine=1/512x8,coarse=1/64", None, False),
-        ("lpq16 1/256x1, 1/16", "lpq16:fine=1/256x1,coarse=1/16", None, False),
-        ("f32, tail dropped (renormalised head)", "f32", None, True),
-    ]
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in ks:
             exact = None
-            for name, codec, options, no_tail in variants:
+            for name, codec, options, no_tail in VARIANTS:
                 t0 = time.perf_counter()
                 bpt, decoded = write_variant(Path(tmp) / f"k{k}-{len(rows)}", data["windows"], logp, k, codec, options)
                 err, grad = signal_error(student, logp, decoded, no_tail, exact)
@@ -166,10 +165,12 @@ def main() -> None:
                     f"k={k:<4d} {name:40s} {bpt:7.1f} B/token  loss err {err['loss_rel_err']:.2e}  "
                     f"grad err {err['grad_rel_err']:.2e}  codec {err.get('codec_grad_rel_err', 0):.1e}  ({time.perf_counter() - t0:.1f}s)"
                 )
-    out = out_dir("fidelity")
-    (out / "fidelity.json").write_text(
-        json.dumps({"positions": int(logp.shape[0]), "vocab": data["vocab"], "rows": rows}, indent=2)
-    )
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]], positions: int, vocab: int) -> None:
+    """fidelity.json (every row) and fidelity.md (the table, also printed)."""
+    (out / "fidelity.json").write_text(json.dumps({"positions": positions, "vocab": vocab, "rows": rows}, indent=2))
     table = markdown_table(
         ["k", "variant", "bytes/token", "KD loss rel. error", "KD grad rel. error", "grad error from the codec alone"],
         [
@@ -186,22 +187,43 @@ def main() -> None:
     )
     (out / "fidelity.md").write_text(table + "\n")
     print(table)
+
+
+def plot(out: Path, rows: list[dict[str, Any]], ks: list[int], positions: int) -> None:
+    """fidelity.png: KD gradient error against bytes per token, one line per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, *_ in variants:
+    for name, *_ in VARIANTS:
         pts = [(r["bytes_per_token"], r["grad_rel_err"]) for r in rows if r["variant"] == name]
         ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xlabel("bytes per token")
     ax.set_ylabel("relative error of the KD gradient (vs full distribution)")
     ax.set_yscale("log")
-    ax.set_title(f"fidelity per byte, k in {ks}, {logp.shape[0]} held-out positions")
+    ax.set_title(f"fidelity per byte, k in {ks}, {positions} held-out positions")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fidelity.png", dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.manual_seed(0)
+    work = Path(args.teacher_work) if args.teacher_work else ensure_teacher(args.quick)
+    data = teacher_outputs(work / "teacher", work / "data" / "heldout.jsonl", 200 if args.quick else 4000)
+    logp = data["logp"]
+    gen = torch.Generator().manual_seed(0)
+    student = logp * 0.7 + torch.randn(logp.shape, generator=gen)
+    ks = [8, 32] if args.quick else [8, 32, 64, 128]
+    rows = measure(data, student, ks)
+    out = out_dir("fidelity")
+    write_tables(out, rows, int(logp.shape[0]), data["vocab"])
+    plot(out, rows, ks, int(logp.shape[0]))
     print(f"wrote {out}/fidelity.{{json,md,png}}")
 
 
