@@ -154,33 +154,29 @@ def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
     return {"tokens": tokens, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "cpu_util": cpu / wall}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Tiny sizes: only checks that the script runs.")
     ap.add_argument("--json", default=None, help="Also write the results to this file.")
     ap.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_args", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args._variant:  # child process: one variant
-        print(json.dumps(run_variant(args._variant, **json.loads(args._args))))
-        return
+    return ap.parse_args()
 
-    quick = args.quick
+
+def write_caches(quick: bool, vocab: int, seq_len: int) -> tuple[Path, Path]:
+    """The step benchmark's cache and the loader's k=64 cache (reused when already written)."""
     work = out_dir("train-quick" if quick else "train")
-    vocab, seq_len = (512, 32) if quick else (32768, 256)
     step_cache = write_cache(
         work / f"step-v{vocab}", vocab=vocab, k=64, num_sequences=16 if quick else 64, seq_len=seq_len
     )
     load_cache = write_cache(
         work / "loader-k64", vocab=32768 if not quick else 512, k=64, num_sequences=64 if quick else 2000, seq_len=256
     )
-    spec = {
-        "cache": str(step_cache),
-        "preset": "tiny-llama" if quick else "small-llama",
-        "batch": 2 if quick else 8,
-        "steps": 3 if quick else 8,
-        "chunk": 512,
-    }
+    return step_cache, load_cache
+
+
+def run_variants(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each step variant in a fresh subprocess (so that its peak memory is its own)."""
     results = {}
     for variant in ("ce_hf", "kd_cache"):
         out = subprocess.run(
@@ -190,20 +186,11 @@ def main() -> None:
             text=True,
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    loader = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
-    ce, kd = results["ce_hf"], results["kd_cache"]
-    report = {
-        "student": spec["preset"],
-        "vocab": vocab,
-        "seq_len": seq_len,
-        "batch_sequences": spec["batch"],
-        "kd_chunk_positions": spec["chunk"],
-        "ce_hf": ce,
-        "kd_cache": kd,
-        "step_time_ratio": kd["median_step_s"] / ce["median_step_s"],
-        "peak_mem_ratio": kd["peak_mem_bytes"] / max(ce["peak_mem_bytes"], 1),
-        "loader_k64": loader,
-    }
+    return results
+
+
+def print_report(report: dict[str, Any]) -> None:
+    ce, kd, loader = report["ce_hf"], report["kd_cache"], report["loader_k64"]
     rows = [
         [
             "CE-only (HF labels)",
@@ -225,6 +212,40 @@ def main() -> None:
         f"loader k=64: {loader['tokens_per_s']:.0f} tokens/s wall, {loader['tokens_per_cpu_s']:.0f} tokens per "
         f"CPU-second (one process, {loader['cpu_util']:.2f} cores busy)"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    if args._variant:  # child process: one variant
+        print(json.dumps(run_variant(args._variant, **json.loads(args._args))))
+        return
+
+    quick = args.quick
+    vocab, seq_len = (512, 32) if quick else (32768, 256)
+    step_cache, load_cache = write_caches(quick, vocab, seq_len)
+    spec = {
+        "cache": str(step_cache),
+        "preset": "tiny-llama" if quick else "small-llama",
+        "batch": 2 if quick else 8,
+        "steps": 3 if quick else 8,
+        "chunk": 512,
+    }
+    results = run_variants(spec)
+    loader = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
+    ce, kd = results["ce_hf"], results["kd_cache"]
+    report = {
+        "student": spec["preset"],
+        "vocab": vocab,
+        "seq_len": seq_len,
+        "batch_sequences": spec["batch"],
+        "kd_chunk_positions": spec["chunk"],
+        "ce_hf": ce,
+        "kd_cache": kd,
+        "step_time_ratio": kd["median_step_s"] / ce["median_step_s"],
+        "peak_mem_ratio": kd["peak_mem_bytes"] / max(ce["peak_mem_bytes"], 1),
+        "loader_k64": loader,
+    }
+    print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
