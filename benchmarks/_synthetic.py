@@ -23,6 +23,7 @@ entropy / top-1 / tail mass so a benchmark can print what it measured on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,6 +73,14 @@ def _smooth_noise(rng: np.random.Generator, n: int, m: int, window: int) -> np.n
     return (cs[w:] - cs[:-w]) / np.sqrt(w)
 
 
+class _Boosted(NamedTuple):
+    """Per position, the tokens whose logit is raised above the prior: [P, nb] each, sorted by rank."""
+
+    ranks: np.ndarray
+    boost: np.ndarray
+    valid: np.ndarray  # False on a repeat of the previous rank (one occurrence kept)
+
+
 class _Sampler:
     def __init__(self, cfg: SyntheticTeacher, id_seed: int) -> None:
         self.cfg = cfg
@@ -90,8 +99,25 @@ class _Sampler:
         return np.minimum(r, self.cfg.vocab_size - 1)
 
     def sequence(self, rng: np.random.Generator, seq_id: int, length: int, k: int) -> CachedSequence:
+        b = self._boosted(rng, length - 1)
+        log_z = self._log_normaliser(b)
+        top_rank, top_lp, tail = self._head(b, log_z, k)
+        nxt_rank, target = self._next_tokens(rng, b, log_z, top_rank, top_lp, tail)
+        first = self.unigram_ranks(rng, (1,))
+        input_ids = self.id_of_rank[np.concatenate([first, nxt_rank])].astype(np.int32)
+        return CachedSequence(
+            sequence_id=seq_id,
+            input_ids=input_ids,
+            loss_mask=np.ones(length, dtype=bool),
+            entry_ids=self.id_of_rank[top_rank].astype(np.int32),
+            entry_logprobs=top_lp.astype(np.float32),
+            next_token_logprobs=target.astype(np.float32),
+            tail_mass=tail.astype(np.float32),
+        )
+
+    def _boosted(self, rng: np.random.Generator, P: int) -> _Boosted:
+        """The tokens each of P positions boosts: the sequence's topic pool, fresh local tokens, one predicted."""
         cfg, V = self.cfg, self.cfg.vocab_size
-        P = length - 1
         # topic pool: distinct ranks via the Gumbel-top-k trick on the flattened unigram law
         g = self.pool_logw - np.log(-np.log(rng.random(V)))
         pool = np.argpartition(-g, cfg.pool_size)[: cfg.pool_size]
@@ -112,22 +138,33 @@ class _Sampler:
         boost = np.take_along_axis(boost, order, axis=1)
         valid = np.ones_like(ranks, dtype=bool)
         valid[:, 1:] = ranks[:, 1:] != ranks[:, :-1]
+        return _Boosted(ranks, boost, valid)
+
+    def _log_normaliser(self, b: _Boosted) -> np.ndarray:
+        """[P] exact log Z; records the exact full-vocabulary entropy of each position in `self.entropies`."""
         # exact normaliser: Z = 1 + sum_boosted e^prior (e^boost - 1)   (prior is normalised)
-        pr = self.prior[ranks]
-        z = 1.0 + np.sum(np.where(valid, np.exp(pr) * np.expm1(boost), 0.0), axis=1)
+        pr = self.prior[b.ranks]
+        z = 1.0 + np.sum(np.where(b.valid, np.exp(pr) * np.expm1(b.boost), 0.0), axis=1)
         log_z = np.log(z)
         # exact full-vocabulary entropy: H = log Z - (1/Z) sum_i e^l_i l_i
-        sb = np.sum(np.where(valid, np.exp(pr + boost) * (pr + boost) - np.exp(pr) * pr, 0.0), axis=1)
+        sb = np.sum(np.where(b.valid, np.exp(pr + b.boost) * (pr + b.boost) - np.exp(pr) * pr, 0.0), axis=1)
         self.entropies.append(log_z - (self.prior_plogp + sb) / z)
+        return log_z
+
+    def _head(self, b: _Boosted, log_z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exact top-k per position: ranks and log-probs [P, k] (descending), and the tail mass [P]."""
+        P, nb = b.ranks.shape
+        pr = self.prior[b.ranks]
         # candidates: boosted tokens + the k0 highest-prior tokens (those boosted are masked in that segment)
-        k0 = min(V, k + nb)
+        k0 = min(self.cfg.vocab_size, k + nb)
         top_boosted = np.zeros((P, k0), dtype=bool)
-        rows = np.nonzero(valid & (ranks < k0))
-        top_boosted[rows[0], ranks[rows]] = True
-        cand_rank = np.concatenate([np.broadcast_to(np.arange(k0), (P, k0)), ranks], axis=1)
+        rows = np.nonzero(b.valid & (b.ranks < k0))
+        top_boosted[rows[0], b.ranks[rows]] = True
+        cand_rank = np.concatenate([np.broadcast_to(np.arange(k0), (P, k0)), b.ranks], axis=1)
         cand_lp = (
             np.concatenate(
-                [np.where(top_boosted, -np.inf, self.prior[None, :k0]), np.where(valid, pr + boost, -np.inf)], axis=1
+                [np.where(top_boosted, -np.inf, self.prior[None, :k0]), np.where(b.valid, pr + b.boost, -np.inf)],
+                axis=1,
             )
             - log_z[:, None]
         )
@@ -137,30 +174,34 @@ class _Sampler:
         top = np.take_along_axis(top, srt, axis=1)
         top_lp = np.take_along_axis(top_lp, srt, axis=1)
         top_rank = np.take_along_axis(cand_rank, top, axis=1)
-        head = np.exp(top_lp)
-        tail = np.clip(1.0 - head.sum(axis=1), 0.0, 1.0)
+        tail = np.clip(1.0 - np.exp(top_lp).sum(axis=1), 0.0, 1.0)
+        return top_rank, top_lp, tail
+
+    def _next_tokens(
+        self,
+        rng: np.random.Generator,
+        b: _Boosted,
+        log_z: np.ndarray,
+        top_rank: np.ndarray,
+        top_lp: np.ndarray,
+        tail: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each position's next token (rank), sampled from the teacher distribution, and its exact log-prob."""
+        P, k = top_lp.shape
         # next token: from the head with prob 1 - tail, else from the tail (through the unigram law)
         u = rng.random(P)
         from_head = u < 1.0 - tail
-        cum = np.cumsum(head, axis=1)
+        cum = np.cumsum(np.exp(top_lp), axis=1)
         j = np.minimum((cum < u[:, None]).sum(axis=1), k - 1)
         nxt_rank = np.where(from_head, top_rank[np.arange(P), j], self.unigram_ranks(rng, (P,)))
         # exact log-prob of the next token: in the head, boosted, or plain prior
         in_head = top_rank == nxt_rank[:, None]
-        hit_b = valid & (ranks == nxt_rank[:, None])
-        lp_b = np.where(hit_b.any(axis=1), (pr + boost)[np.arange(P), hit_b.argmax(axis=1)], self.prior[nxt_rank])
-        target = np.where(in_head.any(axis=1), top_lp[np.arange(P), in_head.argmax(axis=1)], lp_b - log_z)
-        first = self.unigram_ranks(rng, (1,))
-        input_ids = self.id_of_rank[np.concatenate([first, nxt_rank])].astype(np.int32)
-        return CachedSequence(
-            sequence_id=seq_id,
-            input_ids=input_ids,
-            loss_mask=np.ones(length, dtype=bool),
-            entry_ids=self.id_of_rank[top_rank].astype(np.int32),
-            entry_logprobs=top_lp.astype(np.float32),
-            next_token_logprobs=target.astype(np.float32),
-            tail_mass=tail.astype(np.float32),
+        hit_b = b.valid & (b.ranks == nxt_rank[:, None])
+        lp_b = np.where(
+            hit_b.any(axis=1), (self.prior[b.ranks] + b.boost)[np.arange(P), hit_b.argmax(axis=1)], self.prior[nxt_rank]
         )
+        target = np.where(in_head.any(axis=1), top_lp[np.arange(P), in_head.argmax(axis=1)], lp_b - log_z)
+        return nxt_rank, target
 
 
 def generate(
