@@ -122,7 +122,7 @@ def _draws(masked: Any, residual_lse: Any, u: Any) -> tuple[Any, Any]:
 
     has_mass = torch.isfinite(residual_lse)
     shift = torch.where(has_mass, residual_lse, torch.zeros_like(residual_lse)).double()
-    cdf = (masked.double() - shift[:, None]).exp_().cumsum_(dim=-1)  # one float64 [n, V]
+    cdf = masked.double().sub_(shift[:, None]).exp_().cumsum_(dim=-1)  # one float64 [n, V], built in place
     total = cdf[:, -1:].contiguous()
     ids = torch.searchsorted(cdf, u * total, right=True)
     # u * total can round up to total itself: the last id with mass is the first whose CDF reaches the total
