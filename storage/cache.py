@@ -29,6 +29,7 @@ from logitcache.storage.schema import (
     shard_entry,
     validate_header,
 )
+from logitcache.storage.targets import TargetSpec
 from logitcache.storage.writer import ShardWriter, atomic_write_json, shard_name_re
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "write_replica_summary",
     "finalize_cache",
     "write_cache",
+    "with_targets",
     "IDENTITY_SECTIONS",
     "logitcache_version",
 ]
@@ -91,15 +93,24 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CacheFormatError(f"{path}: not valid JSON ({e}); the file is damaged") from None
 
 
+def with_targets(header: Mapping[str, Any]) -> dict[str, Any]:
+    """`header` with `capture.targets` filled in as `{"mode": "topk", "top_k": capture.top_k}` where it lacks one."""
+    capture = header.get("capture")
+    if not isinstance(capture, Mapping) or "targets" in capture or "top_k" not in capture:
+        return dict(header)
+    return {**header, "capture": {**capture, "targets": {"mode": "topk", "top_k": capture["top_k"]}}}
+
+
 def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureState:
     """Creates a cache directory for `header`, or checks that an existing one was made with the same identity.
 
-    Raises CacheFormatError when the directory holds something else, or a cache made with other settings
-    (naming each differing field), so a rerun can never mix two teachers' outputs in one cache.
+    A header without `capture.targets` is a `topk` capture with K = capture.top_k (`with_targets`). Raises
+    CacheFormatError when the directory holds something else, or a cache made with other settings (naming each
+    differing field), so a rerun can never mix two teachers' outputs in one cache.
     """
     layout = CacheLayout(Path(cache_dir))
     root = layout.root
-    header = {"format_version": FORMAT_VERSION, "logitcache_version": logitcache_version(), **header}
+    header = {"format_version": FORMAT_VERSION, "logitcache_version": logitcache_version(), **with_targets(header)}
     validate_header(header, "capture header")
     capture_path = layout.capture
     if capture_path.exists():
@@ -257,16 +268,19 @@ def write_cache(
 ) -> dict[str, Any]:
     """A finished one-replica cache of `sequences` (open, write, replica summary, finalize); returns the manifest.
 
-    `writer_kwargs` go to ShardWriter (top_k and codec come from `header`; vocab_size defaults to the padded one).
+    `writer_kwargs` go to ShardWriter (top_k, codec and the target mode come from `header`, a header without
+    `capture.targets` being topk; vocab_size defaults to the padded one).
     For synthetic caches in tests and benchmarks; a real capture is `logitcache.pipeline.run_capture`.
     """
     if header.get("num_replicas", 1) != 1:
         raise ValueError(f"write_cache writes one replica, but the header says num_replicas={header['num_replicas']}")
-    open_capture(cache_dir, header)
-    capture = header["capture"]
+    capture = open_capture(cache_dir, header).header["capture"]
     writer_kwargs.setdefault("vocab_size", header["tokenizer"]["padded_vocab_size"])
+    targets = TargetSpec.from_header(capture)
     rows = 0
-    with ShardWriter(cache_dir, top_k=capture["top_k"], codec=capture["codec"], **writer_kwargs) as writer:
+    with ShardWriter(
+        cache_dir, top_k=capture["top_k"], codec=capture["codec"], targets=targets, **writer_kwargs
+    ) as writer:
         for seq in sequences:
             writer.write(seq)
             rows += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,11 +21,15 @@ from logitcache.storage.schema import (
     CAPTURE_NAME,
     COLUMNS,
     MANIFEST_NAME,
+    V1_COLUMNS,
     CacheFormatError,
     NotFinalizedError,
     arrow_schema,
+    shard_version_problem,
+    v1_arrow_schema,
     validate_manifest,
 )
+from logitcache.storage.targets import TargetSpec
 
 __all__ = ["CacheReader", "decode_table"]
 
@@ -46,44 +51,115 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values
 
 
-def decode_table(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> RowGroup:
-    """A shard table (or row group) -> RowGroup; raises CacheFormatError naming `where` on inconsistency."""
-    missing = [c for c in COLUMNS if c not in table.column_names]
+def _misaligned(where: str, what: str) -> CacheFormatError:
+    return CacheFormatError(
+        f"{where}: {what}; the shard is damaged or was written by another tool (run `logitcache verify`)"
+    )
+
+
+def _require(table: pa.Table, columns: Iterable[str], where: str, version: int) -> None:
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise CacheFormatError(f"{where}: missing column(s) {missing}; not a logitcache v1 shard")
-    seq_ids = table.column("sequence_id").to_numpy().astype(np.int64)
+        raise CacheFormatError(f"{where}: missing column(s) {missing}; not a logitcache version {version} shard")
+
+
+def _sequences(table: pa.Table, next_token_column: str, where: str) -> RowGroup:
+    """The per-token and per-position columns every version shares, with their offsets checked; no entries yet."""
     tok_off, input_ids = _flat(table.column("input_ids"))
     mask_off, loss_mask = _flat(table.column("loss_mask"))
     pos_off = tok_off - np.arange(len(tok_off))
-    ids_off, ids = _flat(table.column("entry_ids"))
-    lp_off, codes = _flat(table.column("entry_logprobs"))
-    tgt_off, target = _flat(table.column("next_token_logprobs"))
+    nxt_off, next_token = _flat(table.column(next_token_column))
     tail_off, tail = _flat(table.column("tail_mass"))
     if not (
-        np.array_equal(mask_off, tok_off)
-        and np.array_equal(ids_off, pos_off * top_k)
-        and np.array_equal(lp_off, pos_off * top_k)
-        and np.array_equal(tgt_off, pos_off)
-        and np.array_equal(tail_off, pos_off)
+        np.array_equal(mask_off, tok_off) and np.array_equal(nxt_off, pos_off) and np.array_equal(tail_off, pos_off)
     ):
-        raise CacheFormatError(
-            f"{where}: per-position columns do not line up with input_ids (expected L-1 positions of k={top_k} "
-            "entries per sequence); the shard is damaged or was written by another tool"
-        )
-    num_pos = int(pos_off[-1])
-    entry_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
-    entry_lps = codec.decode(codes.reshape(num_pos, top_k))
-    entry_lps[entry_ids < 0] = -np.inf
+        raise _misaligned(where, "per-position columns do not line up with input_ids (L-1 positions per sequence)")
+    none = np.zeros((0, 0), dtype=np.int32)
     return RowGroup(
-        sequence_id=seq_ids,
+        sequence_id=table.column("sequence_id").to_numpy().astype(np.int64),
         token_offsets=tok_off,
         position_offsets=pos_off,
         input_ids=input_ids.astype(np.int32, copy=False),
         loss_mask=loss_mask.astype(bool, copy=False),
-        entry_ids=entry_ids,
-        entry_logprobs=entry_lps,
-        next_token_logprobs=target.astype(np.float32, copy=False),
+        entry_ids=none,
+        entry_logprobs=none.astype(np.float32),
+        next_token_logprobs=next_token.astype(np.float32, copy=False),
         tail_mass=tail.astype(np.float32, copy=False),
+    )
+
+
+def _decode_v1(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> RowGroup:
+    """A version 1 table: K entries per position, flattened row-major, under the old column names."""
+    _require(table, V1_COLUMNS, where, 1)
+    seq = _sequences(table, "target_logprobs", where)
+    pos_off = seq.position_offsets
+    ids_off, ids = _flat(table.column("topk_ids"))
+    lp_off, codes = _flat(table.column("topk_logprobs"))
+    if not (np.array_equal(ids_off, pos_off * top_k) and np.array_equal(lp_off, pos_off * top_k)):
+        raise _misaligned(where, f"topk columns do not hold k={top_k} entries per position")
+    num_pos = int(pos_off[-1])
+    entry_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
+    entry_lps = codec.decode(codes.reshape(num_pos, top_k))
+    entry_lps[entry_ids < 0] = -np.inf
+    return dataclasses.replace(seq, entry_ids=entry_ids, entry_logprobs=entry_lps)
+
+
+def _scatter(values: np.ndarray, real: np.ndarray, fill: float | int, dtype: np.dtype | type) -> np.ndarray:
+    """Ragged entries [E] -> padded [P, M] (`fill` where not `real`)."""
+    out = np.full(real.shape, fill, dtype=dtype)
+    out[real] = values
+    return out
+
+
+def _decode_v2(
+    table: pa.Table, codec: LogprobCodec, max_entries: int, where: str, targets: TargetSpec | None
+) -> RowGroup:
+    """A version 2 table: entry_counts[t] entries at position t, scattered into padded [P, M] arrays."""
+    sampled = "sample_counts" in table.column_names if targets is None else targets.mode == "sampled"
+    _require(table, [c for c in COLUMNS if sampled or c != "sample_counts"], where, 2)
+    seq = _sequences(table, "next_token_logprobs", where)
+    pos_off = seq.position_offsets
+    cnt_off, counts = _flat(table.column("entry_counts"))
+    if not np.array_equal(cnt_off, pos_off):
+        raise _misaligned(where, "entry_counts does not hold L-1 counts per sequence")
+    counts = counts.astype(np.int64)
+    if counts.size and counts.max() > max_entries:
+        raise _misaligned(where, f"an entry count of {counts.max()} exceeds capture.top_k={max_entries}")
+    pos_entries = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=pos_entries[1:])
+    entry_off = pos_entries[pos_off]
+    names = ["entry_ids", "entry_logprobs"] + (["sample_counts"] if sampled else [])
+    flat = {name: _flat(table.column(name)) for name in names}
+    for name, (off, _) in flat.items():
+        if not np.array_equal(off, entry_off):
+            raise _misaligned(where, f"{name} does not hold entry_counts entries per sequence")
+    real = np.arange(max_entries)[None, :] < counts[:, None]
+    entry_lps = codec.decode(_scatter(flat["entry_logprobs"][1], real, 0, codec.numpy_dtype))
+    entry_lps[~real] = -np.inf
+    return dataclasses.replace(
+        seq,
+        entry_ids=_scatter(flat["entry_ids"][1], real, -1, np.int32),
+        entry_logprobs=entry_lps,
+        sample_counts=_scatter(flat["sample_counts"][1], real, 0, np.uint16) if sampled else None,
+        num_samples=targets.num_samples if targets is not None else 0,
+    )
+
+
+def decode_table(
+    table: pa.Table, codec: LogprobCodec, top_k: int, where: str, targets: TargetSpec | None = None
+) -> RowGroup:
+    """A shard table (or row group) of version 1 or 2 -> RowGroup with padded entries [P, top_k].
+
+    `top_k` is M (capture.top_k); `targets` (the cache's TargetSpec) sets `num_samples` and whether `sample_counts`
+    must be there (None: decoded when present, num_samples 0). Raises CacheFormatError naming `where` when the
+    columns are missing or do not line up.
+    """
+    if "entry_counts" in table.column_names:
+        return _decode_v2(table, codec, top_k, where, targets)
+    if "topk_ids" in table.column_names:
+        return _decode_v1(table, codec, top_k, where)
+    raise CacheFormatError(
+        f"{where}: neither entry_counts (version 2) nor topk_ids (version 1) is a column; not a logitcache shard"
     )
 
 
@@ -113,9 +189,17 @@ class CacheReader:
                 raise CacheFormatError(f"{manifest_path}: not valid JSON ({e})") from None
         validate_manifest(self.manifest, manifest_path)
         capture = self.manifest["capture"]
-        self.top_k: int = int(capture["top_k"])
+        self.format_version: int = int(self.manifest["format_version"])
+        self.top_k: int = int(capture["top_k"])  # M: the most entries per position
+        self.targets: TargetSpec = (
+            TargetSpec.from_header(capture) if self.format_version >= 2 else TargetSpec(mode="topk", top_k=self.top_k)
+        )
         self.codec: LogprobCodec = parse_codec(capture["codec"])
-        self.schema = arrow_schema(capture["codec"])
+        self.schema = (
+            arrow_schema(capture["codec"], sampled=self.targets.mode == "sampled")
+            if self.format_version >= 2
+            else v1_arrow_schema(capture["codec"])
+        )
         self.vocab_size: int = int(self.manifest["tokenizer"]["vocab_size"])
         self.padded_vocab_size: int = int(self.manifest["tokenizer"]["padded_vocab_size"])
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
@@ -145,13 +229,17 @@ class CacheReader:
         )
 
     def parquet_file(self, shard_index: int) -> pq.ParquetFile:
-        """The shard's ParquetFile (opened once, with page checksum verification)."""
+        """The shard's ParquetFile (opened once, with page checksum verification, its format version checked)."""
         if shard_index not in self._files:
             try:
                 source = self._fs.open_input_file(self.shard_path(shard_index))
-                self._files[shard_index] = pq.ParquetFile(source, page_checksum_verification=True)
+                pf = pq.ParquetFile(source, page_checksum_verification=True)
             except (OSError, pa.ArrowException) as e:
                 raise self._damaged(shard_index, "cannot open", e) from None
+            problem = shard_version_problem(pf.metadata.metadata, self.format_version, self.shard_path(shard_index))
+            if problem:
+                raise CacheFormatError(problem)
+            self._files[shard_index] = pf
         return self._files[shard_index]
 
     def row_groups(self) -> list[tuple[int, int, int]]:
@@ -168,9 +256,8 @@ class CacheReader:
             table = self.parquet_file(shard_index).read_row_group(row_group_index)
         except (OSError, pa.ArrowException) as e:
             raise self._damaged(shard_index, f"cannot read row group {row_group_index}", e) from None
-        return decode_table(
-            table, self.codec, self.top_k, f"{self.shard_path(shard_index)} row group {row_group_index}"
-        )
+        where = f"{self.shard_path(shard_index)} row group {row_group_index}"
+        return decode_table(table, self.codec, self.top_k, where, self.targets)
 
     def iter_row_groups(self, shards: Iterable[int] | None = None) -> Iterator[RowGroup]:
         """Every row group of the given shards (default: all), in order."""

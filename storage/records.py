@@ -24,10 +24,12 @@ class CachedSequence:
     """One cached sequence. Position t (0..L-2) is the teacher distribution that predicts input_ids[t+1].
 
     input_ids: int32 [L]; loss_mask: bool [L] (True where the token is a training target);
-    entry_ids: int32 [L-1, k] sorted by teacher log-prob, descending, -1 = padding;
-    entry_logprobs: float32 [L-1, k] log-softmax over the full vocabulary at T=1, -inf where padded;
+    entry_ids: int32 [L-1, M] sorted by teacher log-prob, descending, -1 = padding (trailing);
+    entry_logprobs: float32 [L-1, M] log-softmax over the full vocabulary at T=1, -inf where padded;
     next_token_logprobs: float32 [L-1] teacher log-prob of input_ids[t+1];
-    tail_mass: float32 [L-1] probability mass outside the top-k, computed before quantization.
+    tail_mass: float32 [L-1] probability mass outside the exact entries, computed before quantization;
+    sample_counts: uint16 [L-1, M] draws per entry (0: exact entry or padding), `sampled` caches only.
+    M = `TargetSpec.max_entries` (FORMAT.md, "Target modes").
     """
 
     sequence_id: int
@@ -49,7 +51,7 @@ class CachedSequence:
         return int(self.input_ids.shape[0])
 
     def validate(self, top_k: int) -> None:
-        """Raises ValueError naming the sequence and the array whose shape or dtype is wrong."""
+        """Raises ValueError naming the sequence and the array whose shape is wrong; top_k: M, entries per position."""
         n = self.num_tokens
         problems = []
         if n < 2:
@@ -61,6 +63,8 @@ class CachedSequence:
             "next_token_logprobs": (n - 1,),
             "tail_mass": (n - 1,),
         }
+        if self.sample_counts is not None:
+            expect["sample_counts"] = (n - 1, top_k)
         for name, shape in expect.items():
             got = getattr(self, name).shape
             if got != shape:
@@ -78,11 +82,11 @@ class RowGroup:
     position_offsets: np.ndarray  # int64 [B+1] into the per-position arrays
     input_ids: np.ndarray  # int32 [T]
     loss_mask: np.ndarray  # bool [T]
-    entry_ids: np.ndarray  # int32 [P, k]
-    entry_logprobs: np.ndarray  # float32 [P, k]
+    entry_ids: np.ndarray  # int32 [P, M], -1 = padding (trailing)
+    entry_logprobs: np.ndarray  # float32 [P, M], -inf where padded
     next_token_logprobs: np.ndarray  # float32 [P]
     tail_mass: np.ndarray  # float32 [P]
-    sample_counts: np.ndarray | None = None  # uint16 [P, k] (sampled caches), else None
+    sample_counts: np.ndarray | None = None  # uint16 [P, M] (sampled caches), else None
     num_samples: int = 0
 
     def sparse_targets(self) -> SparseTargets:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from logitcache.storage.codec import LogprobCodec
-from logitcache.storage.invariants import value_problems
+from logitcache.storage.invariants import mass_problems, value_problems
 from logitcache.storage.reader import CacheReader
 from logitcache.storage.records import RowGroup
 from logitcache.storage.schema import CacheFormatError
@@ -42,21 +42,16 @@ def head_mass_tolerance(codec: LogprobCodec, probs: np.ndarray) -> np.ndarray:
 
 
 def _check_row_group(group: RowGroup, reader: CacheReader) -> list[str]:
-    """The writer's value invariants, plus head + tail = 1 within the codec's error (a decoded-data check)."""
-    problems = value_problems(group, reader.padded_vocab_size)
+    """The writer's value invariants (with the target mode's), plus the probability checks on decoded data
+    (exact mass + tail = 1, adaptive reaches top_p, ...) within the codec's error."""
+    problems = value_problems(group, reader.padded_vocab_size, reader.targets)
     probs = np.where(group.entry_ids >= 0, np.exp(group.entry_logprobs.astype(np.float64)), 0.0)
-    gap = np.abs(probs.sum(axis=1) + group.tail_mass - 1.0)
-    bad = gap > head_mass_tolerance(reader.codec, probs)
-    if np.any(bad):
-        problems.append(
-            f"head mass + tail mass != 1 at {int(bad.sum())} position(s) (worst off by {gap.max():.3g}, "
-            "beyond the codec's stated error)"
-        )
-    return problems
+    return problems + mass_problems(group, reader.targets, head_mass_tolerance(reader.codec, probs))
 
 
 def verify_cache(path: str) -> VerifyReport:
-    """Checks sha256, row/token counts, schema, id ranges, log-prob order and sign, and head + tail = 1."""
+    """Checks sha256, row/token counts, schema, entry counts, id ranges and uniqueness, log-prob order and sign,
+    head + tail = 1, and what the target mode asks (adaptive: top_p reached; sampled: counts sum to N)."""
     report = VerifyReport()
     try:
         reader = CacheReader(path)
@@ -86,7 +81,7 @@ def verify_cache(path: str) -> VerifyReport:
         ids_here = []
         try:
             if reader.parquet_file(i).schema_arrow.remove_metadata() != reader.schema.remove_metadata():
-                problems.append("schema differs from the codec's schema")
+                problems.append(f"schema differs from format version {reader.format_version}'s for the codec and mode")
             for group in reader.iter_row_groups([i]):
                 counts["seq"] += len(group)
                 counts["tok"] += int(group.token_offsets[-1])

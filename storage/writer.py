@@ -22,6 +22,7 @@ from logitcache.storage.invariants import value_problems
 from logitcache.storage.layout import replica_prefix
 from logitcache.storage.records import CachedSequence
 from logitcache.storage.schema import SHARDS_DIR, ShardEntry, arrow_schema
+from logitcache.storage.targets import TargetSpec
 
 __all__ = ["ShardWriter", "encode_table", "PARQUET_OPTIONS", "atomic_write_json", "shard_name_re"]
 
@@ -73,24 +74,49 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType
 
 
 def encode_table(seqs: Sequence[CachedSequence], codec: LogprobCodec, top_k: int, schema: pa.Schema) -> pa.Table:
-    """Sequences -> one Arrow table in the shard schema (flat numpy concatenation, no per-token Python)."""
+    """Sequences (padded entries [L-1, M], M = top_k) -> one Arrow table in the version 2 shard schema.
+
+    The padding (trailing, id -1) is dropped: entry_counts says how many entries each position keeps. The codec runs
+    on the padded [P, M] log-probs, as the reader decodes them. `sample_counts` is written when the schema has it.
+    Flat numpy concatenation and boolean masks: no per-token Python.
+    """
     lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
     tok_off = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=tok_off[1:])
     pos_off = tok_off - np.arange(len(seqs) + 1)
-    ids = np.concatenate([s.entry_ids for s in seqs]).astype(np.int32, copy=False)
-    lps = np.concatenate([s.entry_logprobs for s in seqs]).astype(np.float32, copy=False)
-    codes = codec.encode(lps)
-    cols = [
-        pa.array(np.array([s.sequence_id for s in seqs], dtype=np.int64), pa.int64()),
-        _list_array(tok_off, np.concatenate([s.input_ids for s in seqs]).astype(np.int32, copy=False), pa.int32()),
-        _list_array(tok_off, np.concatenate([s.loss_mask for s in seqs]).astype(bool, copy=False), pa.bool_()),
-        _list_array(pos_off * top_k, ids.reshape(-1), pa.int32()),
-        _list_array(pos_off * top_k, codes.reshape(-1), codec.arrow_type),
-        _list_array(pos_off, np.concatenate([s.next_token_logprobs for s in seqs]).astype(np.float32), pa.float32()),
-        _list_array(pos_off, np.concatenate([s.tail_mass for s in seqs]).astype(np.float32), pa.float32()),
-    ]
-    return pa.Table.from_arrays(cols, schema=schema)
+    ids = np.concatenate([s.entry_ids for s in seqs]).astype(np.int32, copy=False).reshape(-1, top_k)
+    real = ids >= 0
+    counts = real.sum(axis=1, dtype=np.int64)
+    pos_entries = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=pos_entries[1:])
+    entry_off = pos_entries[pos_off]  # entries before each row
+    codes = codec.encode(np.concatenate([s.entry_logprobs for s in seqs]).astype(np.float32, copy=False))
+    cols = {
+        "sequence_id": pa.array(np.array([s.sequence_id for s in seqs], dtype=np.int64), pa.int64()),
+        "input_ids": _list_array(
+            tok_off, np.concatenate([s.input_ids for s in seqs]).astype(np.int32, copy=False), pa.int32()
+        ),
+        "loss_mask": _list_array(
+            tok_off, np.concatenate([s.loss_mask for s in seqs]).astype(bool, copy=False), pa.bool_()
+        ),
+        "entry_counts": _list_array(pos_off, counts.astype(np.uint16), pa.uint16()),
+        "entry_ids": _list_array(entry_off, ids[real], pa.int32()),
+        "entry_logprobs": _list_array(entry_off, codes[real], codec.arrow_type),
+        "next_token_logprobs": _list_array(
+            pos_off, np.concatenate([s.next_token_logprobs for s in seqs]).astype(np.float32), pa.float32()
+        ),
+        "tail_mass": _list_array(pos_off, np.concatenate([s.tail_mass for s in seqs]).astype(np.float32), pa.float32()),
+    }
+    if "sample_counts" in schema.names:
+        sc = np.concatenate([_sample_counts(s) for s in seqs]).astype(np.uint16, copy=False).reshape(-1, top_k)
+        cols["sample_counts"] = _list_array(entry_off, sc[real], pa.uint16())
+    return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
+
+
+def _sample_counts(seq: CachedSequence) -> np.ndarray:
+    if seq.sample_counts is None:
+        raise ValueError(f"sequence {seq.sequence_id}: sample_counts missing (the target mode is 'sampled')")
+    return seq.sample_counts
 
 
 class ShardWriter:
@@ -116,14 +142,21 @@ class ShardWriter:
         shard_size_bytes: int = 256 << 20,
         row_group_bytes: int = 16 << 20,
         parquet_options: dict[str, Any] | None = None,
+        targets: TargetSpec | None = None,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", prefix):
             raise ValueError(f"shard prefix {prefix!r} must be letters, digits or '_'")
+        self.targets = TargetSpec(mode="topk", top_k=top_k) if targets is None else targets
+        if top_k != self.targets.max_entries:
+            raise ValueError(
+                f"top_k={top_k} but the target mode {self.targets.to_header()} stores up to "
+                f"{self.targets.max_entries} entries per position; pass top_k=targets.max_entries"
+            )
         self.dir = Path(cache_dir) / SHARDS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.top_k = top_k
         self.codec = parse_codec(codec)
-        self.schema = arrow_schema(codec)
+        self.schema = arrow_schema(codec, sampled=self.targets.mode == "sampled")
         self.prefix = prefix
         self.vocab_size = vocab_size
         self.shard_size_bytes = shard_size_bytes
@@ -149,18 +182,20 @@ class ShardWriter:
             self.abort()
 
     def write(self, seq: CachedSequence) -> list[ShardEntry]:
-        """Adds one sequence; returns the entries of shards this call completed (usually none).
+        """Adds one sequence (padded entries [L-1, M]); returns the entries of shards this call completed (usually none).
 
-        Raises ValueError naming the sequence when a value would make a wrong cache (not just an odd one).
+        Raises ValueError naming the sequence when a value would make a wrong cache (not just an odd one): among
+        others, padding (id -1) that is not trailing, and sample_counts given unless the mode is `sampled`.
         """
         seq.validate(self.top_k)
-        problems = value_problems(seq, self.vocab_size)
+        problems = value_problems(seq, self.vocab_size, self.targets)
         if problems:
             raise ValueError(f"sequence {seq.sequence_id}: " + "; ".join(problems))
         self._buffer.append(seq)
-        self._buffer_bytes += sum(
-            a.nbytes for a in (seq.input_ids, seq.entry_ids, seq.entry_logprobs, seq.next_token_logprobs, seq.tail_mass)
-        )
+        arrays = (seq.input_ids, seq.entry_ids, seq.entry_logprobs, seq.next_token_logprobs, seq.tail_mass)
+        self._buffer_bytes += sum(a.nbytes for a in arrays)
+        if seq.sample_counts is not None:
+            self._buffer_bytes += seq.sample_counts.nbytes
         if self._buffer_bytes < self.row_group_bytes:
             return []
         self._flush_row_group()

@@ -67,7 +67,7 @@ def test_identity_mismatch_is_its_own_error(tmp_path: Path) -> None:
     open_capture(tmp_path, header(300, 8))
     with pytest.raises(IdentityMismatchError) as info:
         open_capture(tmp_path, header(300, 16))
-    assert info.value.differences == ["capture.top_k"]
+    assert info.value.differences == ["capture.targets.top_k", "capture.top_k"]  # K is both M and the mode's top_k
     assert isinstance(info.value, CacheFormatError)
 
 
@@ -120,7 +120,7 @@ def test_one_value_checker_for_writer_and_verify() -> None:
     s.entry_logprobs[:, 1:] = np.minimum(s.entry_logprobs[:, 1:], 0.0)
     assert value_problems(s, 300) == []
     s.entry_logprobs[0, 0] = 2 * VALUE_TOLERANCE
-    assert value_problems(s, 300) == ["top-k log-prob > 0"]
+    assert value_problems(s, 300) == ["entry log-prob > 0"]
     s.tail_mass[0] = -2 * VALUE_TOLERANCE
     assert value_problems(s, 300)[-1] == "tail mass outside [0, 1]"
     s.input_ids[0] = -1

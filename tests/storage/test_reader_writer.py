@@ -130,7 +130,8 @@ def test_bit_flip_is_detected_at_read(small_cache: tuple[Path, list[CachedSequen
     path, _ = small_cache
     shard = _first_shard(path)
     data = bytearray(shard.read_bytes())
-    meta = pq.ParquetFile(shard).metadata.row_group(0).column(3)  # entry_ids of row group 0
+    rg = pq.ParquetFile(shard).metadata.row_group(0)
+    (meta,) = [rg.column(i) for i in range(rg.num_columns) if rg.column(i).path_in_schema.startswith("entry_ids.")]
     pos = meta.data_page_offset + meta.total_compressed_size // 2
     data[pos] ^= 0x10
     shard.write_bytes(bytes(data))
@@ -175,7 +176,10 @@ def test_reopen_with_other_settings_refused(small_cache: tuple[Path, list[Cached
     path, _ = small_cache
     state = open_capture(path, header(300, 8))
     assert state.finished
-    with pytest.raises(CacheFormatError, match=r"different settings \(capture.top_k: cache has 8, this run has 16"):
+    with pytest.raises(
+        CacheFormatError,
+        match=r"different settings \(capture.targets.top_k: cache has 8, this run has 16; capture.top_k: cache has 8",
+    ):
         open_capture(path, header(300, 16))
 
 
