@@ -10,6 +10,7 @@ import torch
 
 from logitcache.pipeline.backends.hf import HFBackend, topk_with_tail
 from logitcache.pipeline.data import TokenWindow
+from tests.models import tiny_granite
 
 K = 16
 
@@ -76,19 +77,7 @@ def test_tail_keeps_relative_precision_when_tiny() -> None:
 def test_granite_logits_scaling_is_reproduced(tmp_path: Path, windows: list[TokenWindow]) -> None:
     # Granite divides its logits by `logits_scaling`; the backend's decoder + head split must do the same (one helper
     # with the trainer's student head), not refuse the architecture.
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    cfg = GraniteConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        logits_scaling=8.0,
-    )
-    torch.manual_seed(0)
-    GraniteForCausalLM(cfg).save_pretrained(tmp_path / "granite")
+    tiny_granite(vocab_size=512, logits_scaling=8.0).save_pretrained(tmp_path / "granite")
     backend = HFBackend(str(tmp_path / "granite"), dtype="float32", top_k=K)
     for w, s in zip(windows, backend.capture(windows)):
         _, lps, target, tail = _reference(backend.model, w)

@@ -11,6 +11,7 @@ from logitcache.storage import CacheReader
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.train.student import StudentError, build_student
+from tests.models import tiny_granite
 
 from .conftest import make_tokenizer_dir, write_synthetic_cache
 
@@ -77,21 +78,9 @@ def test_student_with_fewer_logits_than_tokens_is_refused(padded_cache: Path, tm
 def test_student_head_applies_granite_logits_scaling(padded_cache: Path) -> None:
     # Granite divides its logits by `logits_scaling`: the distillation head must produce the logits the saved
     # student's own forward (and so its inference) produces, or it is trained on differently scaled logits.
-    from transformers import GraniteConfig, GraniteForCausalLM
-
     from logitcache.train.student import DistillModel
 
-    cfg = GraniteConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        logits_scaling=4.0,
-    )
-    torch.manual_seed(0)
-    model = GraniteForCausalLM(cfg).eval()
+    model = tiny_granite(vocab_size=128, logits_scaling=4.0).eval()
     dm = DistillModel(model, 96)
     ids = torch.randint(0, 96, (2, 9))
     mask = torch.ones_like(ids)
