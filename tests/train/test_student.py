@@ -11,7 +11,7 @@ from logitcache.storage import CacheReader
 from logitcache.train.config import TrainConfig
 from logitcache.train.loop import train
 from logitcache.train.student import StudentError, build_student
-from tests.models import tiny_granite
+from tests.models import TINY_SIZES, tiny_granite
 
 from .conftest import make_tokenizer_dir, write_synthetic_cache
 
@@ -19,15 +19,7 @@ from .conftest import make_tokenizer_dir, write_synthetic_cache
 def _pretrained(path: Path, vocab: int, tokenizer_prefix: str | None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-    )
+    cfg = LlamaConfig(vocab_size=vocab, head_dim=32, **TINY_SIZES)
     LlamaForCausalLM(cfg).save_pretrained(path)
     if tokenizer_prefix is not None:
         make_tokenizer_dir(path, 96, prefix=tokenizer_prefix)
