@@ -12,10 +12,14 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
+
+if TYPE_CHECKING:  # the CLI imports the reader inside commands, so `logitcache --help` stays fast
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.records import CachedSequence, RowGroup
 
 __all__ = ["main"]
 
@@ -51,7 +55,7 @@ class _EntryPointGroup(click.Group):
 @click.group(cls=_EntryPointGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """logitcache: cache a teacher's top-k distributions once, distill students from the cache many times."""
+    """logitcache: cache a teacher's sparse distributions once, distill students from the cache many times."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -79,36 +83,32 @@ def _load_tokenizer(cache_dir: str, name: str | None) -> Any:
     return None
 
 
-@click.command("inspect")
-@click.argument("cache_dir")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@click.option("--position", default=None, type=int, help="Which position of the first sequence to decode.")
-def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
-    """Summarise a cache: teacher, tokenizer, k, codec, sizes, head mass, and a decoded sample position."""
-    from logitcache.storage.reader import CacheReader
-    from logitcache.storage.schema import CacheFormatError
-
-    try:
-        r = CacheReader(cache_dir)
-    except CacheFormatError as e:
-        raise click.ClickException(str(e)) from None
+def _summary(r: CacheReader, group: RowGroup | None) -> dict[str, Any]:
+    """The manifest summary `inspect --json` prints, with the first row group's head mass and entries per position."""
     m = r.manifest
     totals = m["totals"]
-    group = next(r.iter_row_groups(), None)
-    head_mass = float(np.mean(1.0 - group.tail_mass)) if group is not None and group.tail_mass.size else float("nan")
-    summary = {
+    head_mass = entries = float("nan")
+    if group is not None and group.tail_mass.size > 0:
+        head_mass = float(np.mean(1.0 - group.tail_mass))
+        entries = float(np.mean((group.entry_ids >= 0).sum(axis=1)))
+    return {
+        "format_version": r.format_version,
         "teacher": m["teacher"],
         "tokenizer": {k: m["tokenizer"].get(k) for k in ("name", "fingerprint", "vocab_size", "padded_vocab_size")},
         "capture": {k: v for k, v in m["capture"].items()},
+        "targets": r.targets.to_header(),
         "dataset": m["dataset"],
         "totals": totals,
         "bytes_per_token": totals["num_bytes"] / max(totals["num_tokens"], 1),
         "num_shards": len(r.shards),
         "mean_head_mass_first_row_group": head_mass,
+        "mean_entries_per_position_first_row_group": entries,
     }
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
+
+
+def _echo_header(cache_dir: str, m: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The summary's lines: cache, teacher, tokenizer, capture and target mode, dataset, sizes, head mass."""
+    totals = m["totals"]
     t = m["teacher"]
     click.echo(f"cache        {cache_dir}  (format v{m['format_version']}, logitcache {m.get('logitcache_version')})")
     click.echo(
@@ -122,22 +122,26 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
     )
     cap = m["capture"]
     click.echo(f"capture      k={cap['top_k']} codec={cap['codec']} max_seq_len={cap['max_seq_len']}")
+    targets = summary["targets"]
+    params = " ".join(f"{k}={v}" for k, v in targets.items() if k != "mode")
+    click.echo(
+        f"targets      {targets['mode']}  {params}  "
+        f"{summary['mean_entries_per_position_first_row_group']:.2f} entries/position (first row group)"
+    )
     click.echo(f"dataset      {m['dataset'].get('source')} split={m['dataset'].get('split')}")
     click.echo(
         f"sequences    {totals['num_sequences']:,}  tokens {totals['num_tokens']:,}  rows {totals.get('num_rows', 0):,}"
         f"  skipped rows {totals.get('skipped_rows') or 'none'}  windows {totals.get('skipped_windows') or 'none'}"
     )
     click.echo(
-        f"size         {_fmt_bytes(totals['num_bytes'])} in {len(r.shards)} shard(s), "
+        f"size         {_fmt_bytes(totals['num_bytes'])} in {summary['num_shards']} shard(s), "
         f"{summary['bytes_per_token']:.1f} B/token"
     )
-    click.echo(f"head mass    {head_mass:.4f} mean over the first row group (1 - tail)")
-    if group is None or len(group) == 0:
-        return
-    seq = group.sequence(0)
-    n_pos = seq.entry_ids.shape[0]
-    t_pos = min(position if position is not None else n_pos // 2, n_pos - 1)
-    tokenizer = _load_tokenizer(cache_dir, tok.get("name"))
+    click.echo(f"head mass    {summary['mean_head_mass_first_row_group']:.4f} mean over the first row group (1 - tail)")
+
+
+def _echo_position(seq: CachedSequence, t_pos: int, tokenizer: Any) -> None:
+    """One decoded position: the context token, the next token, the entries (with their draws) and the tail."""
 
     def show(i: int) -> str:
         return repr(tokenizer.id_to_token(int(i))) if tokenizer is not None else str(int(i))
@@ -146,19 +150,51 @@ def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
         f"sample       sequence {seq.sequence_id}, position {t_pos}: after {show(seq.input_ids[t_pos])} "
         f"the next token is {show(seq.input_ids[t_pos + 1])} (teacher log-prob {seq.next_token_logprobs[t_pos]:.3f})"
     )
-    for rank in range(min(8, r.top_k)):
+    weights = seq.sparse_targets().target_probs[t_pos]
+    for rank in range(min(8, seq.entry_ids.shape[1])):
         tid = seq.entry_ids[t_pos, rank]
         if tid < 0:
             break
         lp = seq.entry_logprobs[t_pos, rank]
-        click.echo(f"   #{rank:<3d} {show(tid):>16}  logp={lp:8.3f}  p={np.exp(lp):.4f}")
+        drawn = "" if seq.sample_counts is None else f"  draws={int(seq.sample_counts[t_pos, rank])}"
+        click.echo(
+            f"   #{rank:<3d} {show(tid):>16}  logp={lp:8.3f}  p={np.exp(lp):.4f}  weight={weights[rank]:.4f}{drawn}"
+        )
     click.echo(f"   tail        p={seq.tail_mass[t_pos]:.4f}")
+
+
+@click.command("inspect")
+@click.argument("cache_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@click.option("--position", default=None, type=int, help="Which position of the first sequence to decode.")
+def inspect_cmd(cache_dir: str, as_json: bool, position: int | None) -> None:
+    """Summarise a cache: teacher, tokenizer, target mode, codec, sizes, head mass, and a decoded sample position."""
+    from logitcache.storage.reader import CacheReader
+    from logitcache.storage.schema import CacheFormatError
+
+    try:
+        r = CacheReader(cache_dir)
+    except CacheFormatError as e:
+        raise click.ClickException(str(e)) from None
+    group = next(r.iter_row_groups(), None)
+    summary = _summary(r, group)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    _echo_header(cache_dir, r.manifest, summary)
+    if group is None or len(group) == 0:
+        return
+    seq = group.sequence(0)
+    n_pos = seq.entry_ids.shape[0]
+    t_pos = min(position if position is not None else n_pos // 2, n_pos - 1)
+    _echo_position(seq, t_pos, _load_tokenizer(cache_dir, r.manifest["tokenizer"].get("name")))
 
 
 @click.command("verify")
 @click.argument("cache_dir")
 def verify_cmd(cache_dir: str) -> None:
-    """Check every shard (sha256, counts, schema, id ranges, sorted log-probs <= 0, head + tail = 1)."""
+    """Check every shard (sha256, counts, schema, entry counts, id ranges, sorted log-probs <= 0, head + tail = 1,
+    and the target mode's rules)."""
     from logitcache.storage.verify import verify_cache
 
     report = verify_cache(cache_dir)
