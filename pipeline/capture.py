@@ -108,7 +108,8 @@ def build_header(
             "padded_vocab_size": teacher.padded_vocab_size,
         },
         "capture": {
-            "top_k": cfg.top_k,
+            "top_k": cfg.target_spec.max_entries,  # M: the most entries a position stores
+            "targets": cfg.target_spec.to_header(),
             "codec": DEFAULT_CODEC,
             "max_seq_len": max_seq_len,
             "overflow": cfg.overflow,
@@ -148,12 +149,13 @@ def _tail_method(cfg: CaptureConfig, backend: TeacherBackend | None) -> str:
     from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL
 
     if cfg.backend == "hf":
-        return ENGINE_TAIL  # hf.topk_with_tail: logsumexp of the full log-softmax outside the top-k
+        return ENGINE_TAIL  # pipeline/targets.py: logsumexp of the full log-softmax outside the exact entries
     method = getattr(backend, "tail_method", None)  # a running vllm_backend.VLLMBackend knows its own
     if method is not None:
         return str(method)
     from logitcache.pipeline.backends.vllm_backend import vllm_tail_method
 
+    # refuses (ValueError) adaptive and sampled targets where the in-engine hook is unavailable
     return vllm_tail_method(_engine_version("vllm").split()[-1], cfg.engine_args)
 
 
@@ -165,7 +167,7 @@ def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> 
         return HFBackend(
             teacher.path,
             dtype=teacher.dtype,
-            top_k=cfg.top_k,
+            targets=cfg.target_spec,
             logits_chunk_size=cfg.logits_chunk_size,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -175,7 +177,7 @@ def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> 
     return VLLMBackend(
         teacher.path,
         dtype=teacher.dtype,
-        top_k=cfg.top_k,
+        top_k=cfg.target_spec.max_entries,  # until VLLMBackend takes `targets` (topk only)
         max_model_len=max_seq_len + 1,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
@@ -188,13 +190,19 @@ def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> 
 
 
 def _check_settings(cfg: CaptureConfig, teacher: TeacherInfo) -> None:
-    if cfg.top_k > teacher.padded_vocab_size:
-        raise ValueError(f"`--top-k` {cfg.top_k} is larger than the teacher's vocabulary ({teacher.padded_vocab_size})")
+    spec = cfg.target_spec
+    # the flags that set M, the entries a position stores
+    flags = "`--exact-top` + `--samples`" if spec.mode == "sampled" else "`--top-k`"
+    vocab = teacher.padded_vocab_size
+    if spec.mode == "sampled" and spec.exact_top >= vocab:
+        raise ValueError(f"`--exact-top` {spec.exact_top} leaves nothing of the teacher's vocabulary ({vocab}) to draw")
+    if spec.mode != "sampled" and spec.top_k > vocab:
+        raise ValueError(f"`--top-k` {spec.top_k} is larger than the teacher's vocabulary ({vocab})")
     max_logprobs = cfg.engine_args.get("max_logprobs")
-    if max_logprobs is not None and int(max_logprobs) < cfg.top_k:
+    if max_logprobs is not None and int(max_logprobs) < spec.max_entries:
         raise ValueError(
-            f"`--top-k` {cfg.top_k} is larger than the engine's max_logprobs ({max_logprobs}, from --engine-arg); "
-            "raise max_logprobs or lower --top-k"
+            f"{flags} = {spec.max_entries} is larger than the engine's max_logprobs ({max_logprobs}, from "
+            f"--engine-arg); raise max_logprobs or lower {flags}"
         )
 
 
@@ -219,9 +227,12 @@ class _OpenedCache:
 
 def _open_cache(cfg: CaptureConfig, backend: TeacherBackend | None) -> _OpenedCache:
     """Resolves the teacher and the data, then creates (or reopens, checking its identity) the cache directory."""
-    if backend is not None and (backend.name != cfg.backend or backend.top_k != cfg.top_k):
+    if backend is not None and (
+        backend.name != cfg.backend or backend.targets.to_header() != cfg.target_spec.to_header()
+    ):
         raise ValueError(
-            f"the given {backend.name} engine does not match `--backend {cfg.backend} --top-k {cfg.top_k}`"
+            f"the given {backend.name} engine (targets {backend.targets.to_header()}) does not match `--backend "
+            f"{cfg.backend}` and the targets {cfg.target_spec.to_header()}"
         )
     teacher = resolve_teacher(cfg.teacher, cfg.dtype, cfg.revision, cfg.trust_remote_code)
     _check_settings(cfg, teacher)
@@ -259,9 +270,11 @@ def _open_writer(cfg: CaptureConfig, cache: _OpenedCache) -> ShardWriter:
             "shard_size_bytes": cfg.shard_size_bytes,
             "row_group_bytes": min(16 << 20, max(1, cfg.shard_size_bytes // 4)),
         }
+    spec = cfg.target_spec
     return ShardWriter(
         cache.layout.root,
-        top_k=cfg.top_k,
+        top_k=spec.max_entries,
+        targets=spec,
         codec=DEFAULT_CODEC,
         prefix=replica_prefix(cfg.replica),
         vocab_size=cache.teacher.padded_vocab_size,
@@ -425,7 +438,7 @@ def run_capture(
 ) -> CaptureResult:
     """Capture this replica's slice of the dataset into `cfg.output`, resuming whatever is already stored.
 
-    `backend` reuses an engine that is already running (tests, benchmarks); it must match cfg's backend and top_k,
+    `backend` reuses an engine that is already running (tests, benchmarks); it must match cfg's backend and targets,
     and is not closed here. By default the engine named by cfg starts when the first batch needs it.
     """
     cache = _open_cache(cfg, backend)

@@ -42,7 +42,7 @@ def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
 )
 @config_options(CaptureConfig, choices=CHOICES, exclude=("engine_args",))
 def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags: Any) -> None:
-    """Run the teacher over a dataset and store its top-k distributions in a cache directory."""
+    """Run the teacher over a dataset and store its distributions (top-k, adaptive or sampled) in a cache directory."""
     from logitcache.storage import CacheFormatError
 
     try:

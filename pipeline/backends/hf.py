@@ -1,4 +1,4 @@
-"""HF transformers teacher: batched forward, then log-softmax + top-k a chunk of positions at a time."""
+"""HF transformers teacher: batched forward, then log-softmax + the stored targets a chunk of positions at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 
 from logitcache.pipeline.data import TokenWindow
+from logitcache.pipeline.targets import compact_entries, targets_from_logprobs
 from logitcache.storage import CachedSequence, LMHeadTransform
+from logitcache.storage.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +31,19 @@ def topk_with_tail(logits: Any, top_k: int, targets: Any) -> tuple[Any, Any, Any
     import torch
 
     logp = torch.log_softmax(logits.float(), dim=-1)
-    k = min(top_k, logp.shape[-1])
-    top_lp, top_id = logp.topk(k, dim=-1, sorted=True)
     target = logp.gather(1, targets[:, None]).squeeze(1)
-    tail = logp.scatter(1, top_id, float("-inf")).logsumexp(dim=-1).exp()
+    spec = TargetSpec(mode="topk", top_k=min(top_k, logp.shape[-1]))
+    positions = torch.zeros(logp.shape[0], dtype=torch.long, device=logp.device)  # topk draws nothing
+    top_id, top_lp, tail = targets_from_logprobs(logp, spec, 0, positions, inplace=True)
     return top_id, top_lp, target, tail
 
 
 class HFBackend:
-    """transformers `AutoModelForCausalLM` teacher; the CPU path for tiny models and the vLLM backend's reference."""
+    """transformers `AutoModelForCausalLM` teacher; the CPU path for tiny models and the vLLM backend's reference.
+
+    `targets` says what each position stores (storage/targets.py); every mode is computed here in plain torch
+    (pipeline/targets.py), on the model's device, `logits_chunk_size` positions at a time.
+    """
 
     name = "hf"
 
@@ -46,7 +52,7 @@ class HFBackend:
         model_path: str,
         *,
         dtype: str,
-        top_k: int,
+        targets: TargetSpec,
         logits_chunk_size: int = 512,
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -55,7 +61,8 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.top_k = top_k
+        self.targets = targets
+        self.top_k = targets.max_entries  # M: the width of every stored position (the header's capture.top_k)
         self.logits_chunk_size = logits_chunk_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model: Any = AutoModelForCausalLM.from_pretrained(
@@ -90,12 +97,16 @@ class HFBackend:
             )
         self._checked = True
 
-    def capture(self, windows: list[TokenWindow]) -> list[CachedSequence]:
-        """One padded forward over `windows`, then the head a chunk of positions at a time (bounded logits memory)."""
+    def capture(self, windows: list[TokenWindow], targets: TargetSpec | None = None) -> list[CachedSequence]:
+        """One padded forward over `windows`, then the head a chunk of positions at a time (bounded logits memory).
+
+        `targets` (default: the backend's) may differ per call, e.g. to benchmark several modes on one model.
+        """
         import torch
 
         if not windows:
             return []
+        spec = targets or self.targets
         lengths = [len(w.input_ids) for w in windows]
         batch = torch.zeros((len(windows), max(lengths)), dtype=torch.long)
         attn = torch.zeros_like(batch)
@@ -103,21 +114,25 @@ class HFBackend:
             batch[i, : lengths[i]] = torch.from_numpy(w.input_ids.astype(np.int64))
             attn[i, : lengths[i]] = 1
         batch, attn = batch.to(self.device), attn.to(self.device)
+        # Every predicting position 0..L-2 of every window, flattened: its sequence and its index t in the window
+        # (what seeds its draws, whatever the batch around it).
+        sequence_ids = torch.cat(
+            [torch.full((n - 1,), w.sequence_id, dtype=torch.long) for w, n in zip(windows, lengths)]
+        )
+        positions = torch.cat([torch.arange(n - 1) for n in lengths])
         with torch.inference_mode():
             # Right padding: real tokens keep positions 0..L-1 and never attend to the padding after them.
             hidden = self.model.get_decoder()(input_ids=batch, attention_mask=attn).last_hidden_state
             if not self._checked:
                 self._check_head(windows[0], hidden[0, lengths[0] - 1])
-            # Positions 0..L-2 of every window, flattened: [P, H]; targets are the next tokens.
-            h = torch.cat([hidden[i, : n - 1] for i, n in enumerate(lengths)])
-            targets = torch.cat([batch[i, 1:n] for i, n in enumerate(lengths)])
+            h = torch.cat([hidden[i, : n - 1] for i, n in enumerate(lengths)])  # [P, H]; targets: the next tokens
+            next_tokens = torch.cat([batch[i, 1:n] for i, n in enumerate(lengths)])
             parts = [
-                topk_with_tail(
-                    self._logits(h[s : s + self.logits_chunk_size]), self.top_k, targets[s : s + self.logits_chunk_size]
-                )
-                for s in range(0, h.shape[0], self.logits_chunk_size)
+                self._targets(h[c], next_tokens[c], spec, sequence_ids[c], positions[c])
+                for c in (slice(s, s + self.logits_chunk_size) for s in range(0, h.shape[0], self.logits_chunk_size))
             ]
-        ids, lps, tgt, tail = (torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(4))
+        ids, lps, nxt, tail = (torch.cat([p[j] for p in parts]).cpu().numpy() for j in range(4))
+        entry_ids, entry_logprobs, counts = compact_entries(ids, lps, spec)
         out, pos = [], 0
         for w, n in zip(windows, lengths):
             sl = slice(pos, pos + n - 1)
@@ -127,13 +142,27 @@ class HFBackend:
                     sequence_id=w.sequence_id,
                     input_ids=w.input_ids,
                     loss_mask=w.loss_mask,
-                    entry_ids=ids[sl].astype(np.int32),
-                    entry_logprobs=lps[sl].astype(np.float32),
-                    next_token_logprobs=tgt[sl].astype(np.float32),
+                    entry_ids=entry_ids[sl],
+                    entry_logprobs=entry_logprobs[sl],
+                    next_token_logprobs=nxt[sl].astype(np.float32),
                     tail_mass=tail[sl].astype(np.float32),
+                    sample_counts=None if counts is None else counts[sl],
+                    num_samples=spec.num_samples,
                 )
             )
         return out
+
+    def _targets(
+        self, hidden: Any, next_tokens: Any, spec: TargetSpec, sequence_ids: Any, positions: Any
+    ) -> tuple[Any, Any, Any, Any]:
+        """One chunk of positions: entry ids, entry log-probs, the next token's log-prob and the tail (torch)."""
+        import torch
+
+        logp = torch.log_softmax(self._logits(hidden).float(), dim=-1)
+        nxt = logp.gather(1, next_tokens[:, None]).squeeze(1)
+        dev = logp.device
+        ids, lps, tail = targets_from_logprobs(logp, spec, sequence_ids.to(dev), positions.to(dev), inplace=True)
+        return ids, lps, nxt, tail
 
     def close(self) -> None:
         del self.model

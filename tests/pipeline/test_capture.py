@@ -27,24 +27,15 @@ LOGITCACHE = str(Path(sys.executable).parent / "logitcache")
 SETTINGS = {"backend": "hf", "top_k": 16, "max_seq_len": 32, "batch_size": 1, "shard_size_bytes": 16_000, "limit": 16}
 
 
-def _flags(settings: dict[str, Any]) -> list[str]:
-    return [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+def capture_command(teacher: Path, dataset: Path, out: Path, settings: dict[str, Any]) -> list[str]:
+    """The `logitcache cache-teacher` command line with these settings (field names)."""
+    flags = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [LOGITCACHE, "cache-teacher", "--teacher", str(teacher), "--dataset", str(dataset), "--output", str(out)]
+    return [*cmd, "--no-progress", *flags]
 
 
 def _cli(teacher: Path, dataset: Path, out: Path, **extra: Any) -> list[str]:
-    settings = {**SETTINGS, **extra}
-    return [
-        LOGITCACHE,
-        "cache-teacher",
-        "--teacher",
-        str(teacher),
-        "--dataset",
-        str(dataset),
-        "--output",
-        str(out),
-        "--no-progress",
-        *_flags(settings),
-    ]
+    return capture_command(teacher, dataset, out, {**SETTINGS, **extra})
 
 
 def _env() -> dict[str, str]:
@@ -59,36 +50,24 @@ def _sequences(cache: Path) -> dict[int, Any]:
     return out
 
 
-def _assert_same_content(a: Path, b: Path) -> None:
+def assert_same_content(a: Path, b: Path) -> None:
+    """Both caches hold the same sequences with the same decoded arrays (sample counts included)."""
     sa, sb = _sequences(a), _sequences(b)
     assert sorted(sa) == sorted(sb)
     for sid, x in sa.items():
         y = sb[sid]
         for name in ("input_ids", "loss_mask", "entry_ids", "entry_logprobs", "next_token_logprobs", "tail_mass"):
             assert np.array_equal(getattr(x, name), getattr(y, name)), (sid, name)
+        assert (x.sample_counts is None) == (y.sample_counts is None), sid
+        assert x.sample_counts is None or np.array_equal(x.sample_counts, y.sample_counts), sid
+        assert x.num_samples == y.num_samples, sid
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted single-process capture with SETTINGS."""
-    out = tmp_path_factory.mktemp("ref") / "cache"
-    cfg = CaptureConfig(
-        teacher=str(tiny_demo_dir / "teacher"),
-        dataset=str(tiny_demo_dir / "data" / "train.jsonl"),
-        output=str(out),
-        progress=False,
-        **SETTINGS,
-    )  # type: ignore[arg-type]
-    assert run_capture(cfg).status == "finished"
-    return out
-
-
-def test_kill9_then_resume_equals_uninterrupted(tiny_demo_dir: Path, reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "cache"
-    cmd = _cli(tiny_demo_dir / "teacher", tiny_demo_dir / "data" / "train.jsonl", out)
+def kill_then_resume(cmd: list[str], out: Path, kills_wanted: int = 2) -> subprocess.CompletedProcess[str]:
+    """Runs the capture `cmd` (writing `out`), SIGKILLs it mid-run `kills_wanted` times, then lets a last run finish."""
     rng = random.Random(os.getpid())
     kills = 0
-    while kills < 2:
+    while kills < kills_wanted:
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         # Wait for real progress (a shard beyond those already there), then kill at a random moment after it.
@@ -112,9 +91,29 @@ def test_kill9_then_resume_equals_uninterrupted(tiny_demo_dir: Path, reference: 
         assert not (out / "manifest.json").exists()
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert kills >= 1, "no run was killed mid-capture"
     assert not list((out / "shards").glob("*.tmp"))
-    _assert_same_content(out, reference)
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process capture with SETTINGS."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    cfg = CaptureConfig(
+        teacher=str(tiny_demo_dir / "teacher"),
+        dataset=str(tiny_demo_dir / "data" / "train.jsonl"),
+        output=str(out),
+        progress=False,
+        **SETTINGS,
+    )  # type: ignore[arg-type]
+    assert run_capture(cfg).status == "finished"
+    return out
+
+
+def test_kill9_then_resume_equals_uninterrupted(tiny_demo_dir: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    kill_then_resume(_cli(tiny_demo_dir / "teacher", tiny_demo_dir / "data" / "train.jsonl", out), out)
+    assert_same_content(out, reference)
     manifest = json.loads((out / "manifest.json").read_text())
     ref_manifest = json.loads((reference / "manifest.json").read_text())
     assert manifest["totals"]["num_sequences"] == ref_manifest["totals"]["num_sequences"]
@@ -166,7 +165,7 @@ def test_two_replicas_then_finalize(tiny_demo_dir: Path, reference: Path, tmp_pa
         assert p.returncode == 0, err[-2000:]
     shards = sorted(p.name for p in (out / "shards").glob("*.parquet"))
     assert any(s.startswith("r000-") for s in shards) and any(s.startswith("r001-") for s in shards)
-    _assert_same_content(out, reference)  # same sequences as one process, each exactly once
+    assert_same_content(out, reference)  # same sequences as one process, each exactly once
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["replica"] for r in manifest["replicas"]] == [0, 1]
     assert sum(r["rows"] for r in manifest["replicas"]) == SETTINGS["limit"]

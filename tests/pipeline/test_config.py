@@ -27,13 +27,32 @@ def test_all_errors_reported_at_once_with_flag_names() -> None:
         )
     msg = str(e.value)
     for part in (
-        "`--top-k` must be >= 1",
+        "--top-k must be >= 1",
         "`--max-seq-len` must be >= 2",
         "`--replica` must be in [0, --num-replicas=2)",
         "`--overflow` must be one of",
         "`--tensor-parallel-size`",
     ):
         assert part in msg, msg
+
+
+def test_target_settings() -> None:
+    cfg = CaptureConfig(**BASE, targets="sampled", exact_top=2, samples=24, seed=5)
+    assert cfg.target_spec.to_header() == {"mode": "sampled", "exact_top": 2, "samples": 24, "seed": 5}
+    assert cfg.target_spec.max_entries == 26
+    assert CaptureConfig(**BASE, targets="adaptive", top_k=32, top_p=0.9).target_spec.max_entries == 32
+    # a setting the mode does not use is refused (the cache header would not record it), each one named
+    with pytest.raises(ValueError) as e:
+        CaptureConfig(**BASE, targets="sampled", top_k=8, top_p=0.5, samples=0)
+    msg = str(e.value)
+    assert "`--top-k` is not used by `--targets sampled` (got 8)" in msg and "--exact-top + --samples" in msg
+    assert "`--top-p` is not used by `--targets sampled`" in msg and "--samples must be in [1, 65535]" in msg
+    with pytest.raises(ValueError, match="`--seed` is not used by `--targets topk`"):
+        CaptureConfig(**BASE, seed=3)
+    with pytest.raises(ValueError, match=r"`--targets` must be one of topk, adaptive, sampled \(got 'all'\)"):
+        CaptureConfig(**BASE, targets="all")
+    with pytest.raises(ValueError, match=r"--top-p must be in \(0, 1\], got 1.5"):
+        CaptureConfig(**BASE, targets="adaptive", top_p=1.5)
 
 
 def test_missing_required_flags_are_named() -> None:

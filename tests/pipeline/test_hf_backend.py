@@ -1,4 +1,4 @@
-"""HF backend vs a direct full-softmax reference; chunking and batching do not change results; exact tails."""
+"""HF backend vs a direct full-softmax reference in every target mode; chunking and batching do not change results."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import torch
 
 from logitcache.pipeline.backends.hf import HFBackend, topk_with_tail
 from logitcache.pipeline.data import TokenWindow
+from logitcache.pipeline.targets import targets_from_logprobs
+from logitcache.storage.targets import TargetSpec
 from tests.models import tiny_granite
 
 K = 16
+TOPK = TargetSpec("topk", top_k=K)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _reference(model: torch.nn.Module, w: TokenWindow) -> tuple[np.ndarray, ...]
 
 
 def test_matches_full_softmax_reference(tiny_teacher_dir: Path, windows: list[TokenWindow]) -> None:
-    backend = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, logits_chunk_size=5)
+    backend = HFBackend(str(tiny_teacher_dir), dtype="float32", targets=TOPK, logits_chunk_size=5)
     seqs = backend.capture(windows)
     for w, s in zip(windows, seqs):
         ids, lps, target, tail = _reference(backend.model, w)
@@ -53,7 +56,7 @@ def test_matches_full_softmax_reference(tiny_teacher_dir: Path, windows: list[To
         clear = np.concatenate([gaps[:, :1], np.minimum(gaps[:, 1:], gaps[:, :-1]), gaps[:, -1:]], axis=1) > 1e-4
         assert np.array_equal(s.entry_ids[clear], ids[clear])
     # One window at a time (no padding), with a different chunk size: the same numbers.
-    alone = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, logits_chunk_size=512)
+    alone = HFBackend(str(tiny_teacher_dir), dtype="float32", targets=TOPK, logits_chunk_size=512)
     for w, s in zip(windows, seqs):
         (a,) = alone.capture([w])
         np.testing.assert_allclose(a.entry_logprobs, s.entry_logprobs, atol=1e-5)
@@ -78,9 +81,59 @@ def test_granite_logits_scaling_is_reproduced(tmp_path: Path, windows: list[Toke
     # Granite divides its logits by `logits_scaling`; the backend's decoder + head split must do the same (one helper
     # with the trainer's student head), not refuse the architecture.
     tiny_granite(vocab_size=512, logits_scaling=8.0).save_pretrained(tmp_path / "granite")
-    backend = HFBackend(str(tmp_path / "granite"), dtype="float32", top_k=K)
+    backend = HFBackend(str(tmp_path / "granite"), dtype="float32", targets=TOPK)
     for w, s in zip(windows, backend.capture(windows)):
         _, lps, target, tail = _reference(backend.model, w)
         np.testing.assert_allclose(s.entry_logprobs, lps, atol=2e-5)
         np.testing.assert_allclose(s.next_token_logprobs, target, atol=2e-5)
         np.testing.assert_allclose(s.tail_mass, tail, atol=1e-6, rtol=1e-4)
+
+
+def _reference_logprobs(model: torch.nn.Module, w: TokenWindow) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(input_ids=torch.as_tensor(w.input_ids[None], dtype=torch.long)).logits[0, :-1].double()
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TargetSpec("adaptive", top_k=K, top_p=0.5),
+        TargetSpec("sampled", exact_top=0, samples=12, seed=3),
+        TargetSpec("sampled", exact_top=4, samples=12, seed=3),
+    ],
+    ids=["adaptive", "sampled_r0", "sampled_r4"],
+)
+def test_every_mode_matches_the_reference(tiny_teacher_dir: Path, windows: list[TokenWindow], spec: TargetSpec) -> None:
+    """Each window's entries are what targets_from_logprobs makes of the reference log-probs, at window positions."""
+    backend = HFBackend(str(tiny_teacher_dir), dtype="float32", targets=TOPK, logits_chunk_size=7)
+    seqs = backend.capture(windows, spec)  # one model, another mode per call
+    draws_equal = draws_total = 0
+    for w, s in zip(windows, seqs):
+        ref_lp = _reference_logprobs(backend.model, w)
+        n = len(w.input_ids) - 1
+        m = spec.max_entries
+        assert s.entry_ids.shape == (n, m) and s.entry_ids.dtype == np.int32 and s.entry_logprobs.dtype == np.float32
+        assert s.num_samples == spec.num_samples
+        ids, _, tail = targets_from_logprobs(ref_lp.float(), spec, w.sequence_id, torch.arange(n))
+        valid = s.entry_ids >= 0
+        stored_lp = ref_lp.gather(1, torch.as_tensor(np.where(valid, s.entry_ids, 0), dtype=torch.long)).numpy()
+        np.testing.assert_allclose(s.entry_logprobs[valid], stored_lp[valid], atol=2e-5)  # exact log-probs
+        assert np.isneginf(s.entry_logprobs[~valid]).all()
+        np.testing.assert_allclose(s.tail_mass, tail.numpy(), atol=1e-6, rtol=1e-4)
+        if spec.mode == "adaptive":
+            assert s.sample_counts is None and np.array_equal(s.entry_ids, ids.numpy())
+            continue
+        r = spec.exact_top
+        assert s.sample_counts is not None and s.sample_counts.dtype == np.uint16
+        assert np.array_equal(s.entry_ids[:, :r], ids[:, :r].numpy()) and (s.sample_counts[:, :r] == 0).all()
+        assert (s.sample_counts.sum(1) == spec.samples).all()
+        for t in range(n):  # the draws as a multiset: float32 noise may move a rare draw across a CDF boundary
+            got = np.repeat(s.entry_ids[t], s.sample_counts[t])
+            want = ids[t, r:].numpy()
+            draws_equal += int(np.sum(np.sort(got) == np.sort(want)))
+            draws_total += spec.samples
+        view = s.sparse_targets()
+        np.testing.assert_allclose(view.target_probs.astype(np.float64).sum(1) + view.tail_mass, 1.0, atol=1e-5)
+    if draws_total:
+        assert draws_equal >= 0.98 * draws_total, (draws_equal, draws_total)
