@@ -21,6 +21,7 @@ from logitcache.storage.reader import CacheReader
 from logitcache.storage.records import WINDOW_BITS, CachedSequence, RowGroup, document_id
 from logitcache.storage.schema import (
     FORMAT_VERSION,
+    READ_VERSIONS,
     CacheFormatError,
     IdentityMismatchError,
     NotFinalizedError,
@@ -45,6 +46,7 @@ __all__ = [
     "LogprobCodec",
     "NotFinalizedError",
     "PendingReplicasError",
+    "READ_VERSIONS",
     "RowGroup",
     "ShardEntry",
     "ShardWriter",

@@ -104,9 +104,13 @@ def _decode_v1(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> 
     return dataclasses.replace(seq, entry_ids=entry_ids, entry_logprobs=entry_lps)
 
 
-def _scatter(values: np.ndarray, real: np.ndarray, fill: float | int, dtype: np.dtype | type) -> np.ndarray:
-    """Ragged entries [E] -> padded [P, M] (`fill` where not `real`)."""
-    out = np.full(real.shape, fill, dtype=dtype)
+def _scatter(
+    values: np.ndarray, real: np.ndarray | None, shape: tuple[int, int], fill: float, dtype: Any
+) -> np.ndarray:
+    """Ragged entries [E] -> padded [P, M] (`fill` where not `real`; `real` None: every position full, a reshape)."""
+    if real is None:
+        return values.astype(dtype, copy=False).reshape(shape)
+    out = np.full(shape, fill, dtype=dtype)
     out[real] = values
     return out
 
@@ -133,14 +137,17 @@ def _decode_v2(
     for name, (off, _) in flat.items():
         if not np.array_equal(off, entry_off):
             raise _misaligned(where, f"{name} does not hold entry_counts entries per sequence")
-    real = np.arange(max_entries)[None, :] < counts[:, None]
-    entry_lps = codec.decode(_scatter(flat["entry_logprobs"][1], real, 0, codec.numpy_dtype))
-    entry_lps[~real] = -np.inf
+    shape = (len(counts), max_entries)
+    full = int(pos_entries[-1]) == shape[0] * shape[1]  # topk: no padding anywhere, the fast path
+    real = None if full else np.arange(max_entries)[None, :] < counts[:, None]
+    entry_lps = codec.decode(_scatter(flat["entry_logprobs"][1], real, shape, 0, codec.numpy_dtype))
+    if real is not None:
+        entry_lps[~real] = -np.inf
     return dataclasses.replace(
         seq,
-        entry_ids=_scatter(flat["entry_ids"][1], real, -1, np.int32),
+        entry_ids=_scatter(flat["entry_ids"][1], real, shape, -1, np.int32),
         entry_logprobs=entry_lps,
-        sample_counts=_scatter(flat["sample_counts"][1], real, 0, np.uint16) if sampled else None,
+        sample_counts=_scatter(flat["sample_counts"][1], real, shape, 0, np.uint16) if sampled else None,
         num_samples=targets.num_samples if targets is not None else 0,
     )
 
