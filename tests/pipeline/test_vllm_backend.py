@@ -2,7 +2,8 @@
 
 Tolerance: both run the float32 checkpoint in float32; the engines differ in kernels (attention, matmul blocking)
 only, so log-probs agree to 1e-4 nats and top-k sets agree except where two candidates tie within that tolerance.
-Both compute the tail as a log-sum-exp outside the top-k (vLLM inside its model runner: vllm_tail.py).
+Both compute the tail as a log-sum-exp outside the top-k (vLLM inside its model runner: vllm_targets.py); every
+mode against HF: test_vllm_targets.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from logitcache.pipeline.capture import run_capture
 from logitcache.pipeline.config import CaptureConfig
 from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
-from logitcache.storage import CacheReader, verify_cache
+from logitcache.storage import CacheReader, TargetSpec, verify_cache
 
 K = 16
 MAX_SEQ_LEN = 64
@@ -28,7 +29,9 @@ ATOL_NATS = 1e-4
 def vllm_engine(tiny_teacher_dir: Path) -> Iterator[Any]:
     from logitcache.pipeline.backends.vllm_backend import VLLMBackend
 
-    engine = VLLMBackend(str(tiny_teacher_dir), dtype="float32", top_k=K, max_model_len=MAX_SEQ_LEN + 1)
+    engine = VLLMBackend(
+        str(tiny_teacher_dir), dtype="float32", targets=TargetSpec(top_k=K), max_model_len=MAX_SEQ_LEN + 1
+    )
     yield engine
     engine.close()
 
@@ -64,7 +67,7 @@ def _assert_agree(a: Any, b: Any) -> None:
 def test_vllm_matches_hf(vllm_engine: Any, windows: list[TokenWindow], tiny_teacher_dir: Path) -> None:
     from logitcache.pipeline.backends.hf import HFBackend
 
-    hf = HFBackend(str(tiny_teacher_dir), dtype="float32", top_k=K)
+    hf = HFBackend(str(tiny_teacher_dir), dtype="float32", targets=TargetSpec(top_k=K))
     ref = [hf.capture([w])[0] for w in windows]
     got = vllm_engine.capture(windows)
     assert len(got) == len(windows)
@@ -126,21 +129,14 @@ def test_raw_logprobs_path_equals_flat(vllm_engine: Any, windows: list[TokenWind
     flat = vllm_engine.capture(windows)
     assert vllm_raw.install()
     vllm_engine.logprobs_path = "raw"
-    vllm_engine.params = vllm_engine._params(K)
     try:
         raw = vllm_engine.capture(windows)
     finally:
         vllm_engine.logprobs_path = "flat"
-        vllm_engine.params = vllm_engine._params(K)
     for a, b in zip(flat, raw):
         for name in ("entry_ids", "entry_logprobs", "next_token_logprobs", "tail_mass"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     # Requests without the flag still get vLLM's own flat output after the patch.
-    assert (
-        type(
-            vllm_engine.llm.generate([{"prompt_token_ids": [1, 2, 3]}], vllm_engine.params, use_tqdm=False)[
-                0
-            ].prompt_logprobs
-        ).__name__
-        == "FlatLogprobs"
-    )
+    params = vllm_engine._params(vllm_engine.targets, 0)
+    output = vllm_engine.llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)[0]
+    assert type(output.prompt_logprobs).__name__ == "FlatLogprobs"

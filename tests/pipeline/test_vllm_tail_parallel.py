@@ -3,7 +3,7 @@
 The teacher is the tiny demo Llama with its final norm scaled x25, so its distributions are peaked: ~7% of positions
 have a float32 top-1 log-prob of exactly 0 and most tails lie between 1e-11 and 1e-4, where 1 - sum(exp(head))
 fails. One TP=1 engine (prefill chunked into 40-token steps) serves the tail tests; TP=2 and PP=2 engines then
-start one at a time, capture the same windows and are compared with it. Eager mode and a 64 MiB KV cache keep
+start one at a time, capture the same windows and are compared with it (TP=2 in `sampled` mode too). Eager mode and a 64 MiB KV cache keep
 starts short (PP=2 needs vLLM's compiled warm-up: eager PP on CPU fails in vLLM 0.32, intermediate tensors unset).
 """
 
@@ -20,9 +20,10 @@ import pytest
 
 from logitcache.pipeline.backends.vllm_cpu import BIND_ENV, cpu_threads_binding, default_cpu_binding
 from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
-from logitcache.storage import CachedSequence
+from logitcache.storage import CachedSequence, TargetSpec
 
 K = 16
+SAMPLED = TargetSpec(mode="sampled", exact_top=4, samples=12, seed=5)  # fits the K=16 engines' max_logprobs
 MAX_SEQ_LEN = 64
 PEAK_SCALE = 25.0
 FP64_TAIL_RTOL = 1e-4  # in-engine float32 tail vs the float64 reference: 1.1e-5 measured
@@ -34,7 +35,7 @@ SMALL_ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 def _backend(path: Path, **kwargs: Any) -> Any:
     from logitcache.pipeline.backends.vllm_backend import VLLMBackend
 
-    return VLLMBackend(str(path), dtype="float32", top_k=K, max_model_len=MAX_SEQ_LEN + 1, **kwargs)
+    return VLLMBackend(str(path), dtype="float32", targets=TargetSpec(top_k=K), max_model_len=MAX_SEQ_LEN + 1, **kwargs)
 
 
 def _capture_once(path: Path, windows: list[TokenWindow], **kwargs: Any) -> list[CachedSequence]:
@@ -119,12 +120,10 @@ def test_fallback_without_the_engine_tail(tp1_engine: Any, windows: list[TokenWi
     from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL, HEAD_SUM_TAIL
 
     tp1_engine.tail_method = HEAD_SUM_TAIL
-    tp1_engine.params = tp1_engine._params(K)
     try:
         fallback = tp1_engine.capture(windows[:4])
     finally:
         tp1_engine.tail_method = ENGINE_TAIL
-        tp1_engine.params = tp1_engine._params(K)
     for a, b in zip(fallback, tp1):
         np.testing.assert_array_equal(a.entry_ids, b.entry_ids)
         np.testing.assert_allclose(a.entry_logprobs, b.entry_logprobs, atol=1e-5)
@@ -142,7 +141,8 @@ def test_requests_without_the_tail_flag_are_untouched(tp1_engine: Any, windows: 
     plain = SamplingParams(max_tokens=1, prompt_logprobs=K, flat_logprobs=True, detokenize=False)
     some = windows[:6]
     prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in some for _ in (0, 1)]
-    outputs = tp1_engine.llm.generate(prompts, [tp1_engine.params, plain] * len(some), use_tqdm=False)
+    params = [p for w in some for p in (tp1_engine._params(tp1_engine.targets, w.sequence_id), plain)]
+    outputs = tp1_engine.llm.generate(prompts, params, use_tqdm=False)
     for i, w in enumerate(some):
         ids, lps, target = decode_flat_prompt_logprobs(outputs[2 * i].prompt_logprobs, w.input_ids, K + 1)
         ids, lps, tail = split_tail_column(ids, lps)
@@ -174,9 +174,31 @@ def _assert_same_capture(got: list[CachedSequence], ref: list[CachedSequence]) -
 needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="TP/PP=2 needs two cores")
 
 
+def _assert_same_draws(got: list[CachedSequence], ref: list[CachedSequence]) -> None:
+    """Sampled targets: the same entries and counts at >= 99% of positions (a float32 difference of the log-probs
+    moves a draw only where its uniform lies that close to a CDF boundary), log-probs and tails within tolerance."""
+    same = total = 0
+    for a, b in zip(got, ref):
+        assert a.sample_counts is not None and b.sample_counts is not None
+        rows = np.all((a.entry_ids == b.entry_ids) & (a.sample_counts == b.sample_counts), axis=1)
+        same, total = same + int(rows.sum()), total + len(rows)
+        np.testing.assert_allclose(a.entry_logprobs[rows], b.entry_logprobs[rows], atol=PARALLEL_ATOL_NATS)
+        np.testing.assert_allclose(a.tail_mass, b.tail_mass, rtol=PARALLEL_TAIL_RTOL, atol=0)
+    assert same >= 0.99 * total, (same, total)
+
+
 @needs_two_cores
-def test_tensor_parallel_2_matches_tp1(peaked_teacher: Path, windows: list[TokenWindow], tp1: Any) -> None:
-    _assert_same_capture(_capture_once(peaked_teacher, windows, tensor_parallel_size=2, engine_args=SMALL_ENGINE), tp1)
+def test_tensor_parallel_2_matches_tp1(
+    peaked_teacher: Path, windows: list[TokenWindow], tp1: Any, tp1_engine: Any
+) -> None:
+    """TP=2 gives TP=1's top-k and, every rank drawing from the same counter-based uniforms, its sampled draws."""
+    engine = _backend(peaked_teacher, tensor_parallel_size=2, engine_args=SMALL_ENGINE)
+    try:
+        topk, sampled = engine.capture(windows), engine.capture(windows, targets=SAMPLED)
+    finally:
+        engine.close()
+    _assert_same_capture(topk, tp1)
+    _assert_same_draws(sampled, tp1_engine.capture(windows, targets=SAMPLED))
 
 
 @needs_two_cores
