@@ -156,7 +156,7 @@ def _tail_method(cfg: CaptureConfig, backend: TeacherBackend | None) -> str:
     from logitcache.pipeline.backends.vllm_backend import vllm_tail_method
 
     # refuses (ValueError) adaptive and sampled targets where the in-engine hook is unavailable
-    return vllm_tail_method(_engine_version("vllm").split()[-1], cfg.engine_args)
+    return vllm_tail_method(_engine_version("vllm").split()[-1], cfg.engine_args, cfg.target_spec)
 
 
 def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> TeacherBackend:
@@ -177,7 +177,7 @@ def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> 
     return VLLMBackend(
         teacher.path,
         dtype=teacher.dtype,
-        top_k=cfg.target_spec.max_entries,  # until VLLMBackend takes `targets` (topk only)
+        targets=cfg.target_spec,
         max_model_len=max_seq_len + 1,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
