@@ -110,15 +110,14 @@ def signal_error(
     import torch
 
     from logitcache.train.config import KDSettings
-    from logitcache.train.losses import kd_loss_per_position
+    from logitcache.train.losses import TeacherTargets, kd_loss_per_position
 
     z = student_logits.clone().requires_grad_(True)
     full = (teacher_logp.exp() * (teacher_logp - torch.log_softmax(z, -1))).sum(-1)
     (g_full,) = torch.autograd.grad(full.sum(), z)
     z2 = student_logits.clone().requires_grad_(True)
-    bucket = kd_loss_per_position(
-        z2, decoded["entry_ids"], decoded["entry_logprobs"], decoded["tail_mass"], KDSettings(no_tail=no_tail)
-    )
+    teacher = TeacherTargets(decoded["entry_ids"], decoded["entry_logprobs"].exp(), decoded["tail_mass"])
+    bucket = kd_loss_per_position(z2, teacher, KDSettings(no_tail=no_tail))
     (g_b,) = torch.autograd.grad(bucket.sum(), z2)
     out = {
         "loss_rel_err": float((bucket.detach() - full.detach()).abs().mean() / full.detach().abs().mean()),

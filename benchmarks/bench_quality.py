@@ -97,8 +97,8 @@ class LiveTeacher:
         self.seconds += time.perf_counter() - t0
         return {
             **batch,
-            "entry_ids": torch.arange(v, dtype=torch.int64).expand(n, v).clone(),
-            "entry_logprobs": lp.clone(),
+            "target_ids": torch.arange(v, dtype=torch.int64).expand(n, v).clone(),
+            "target_probs": lp.exp(),
             "tail_mass": torch.zeros(n, dtype=torch.float32),
         }
 

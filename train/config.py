@@ -11,6 +11,7 @@ __all__ = [
     "LOSSES",
     "SCHEDULES",
     "DTYPES",
+    "TARGET_MODES",
     "TrainConfig",
     "KDSettings",
     "DEFAULT_KD",
@@ -21,6 +22,14 @@ __all__ = [
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+# storage.targets.TARGET_MODES, restated because this module is stdlib only (tests/train/test_config.py checks it)
+TARGET_MODES = ("topk", "adaptive", "sampled")
+# Why a sampled cache trains with forward KL at T=1 only (the messages of KDSettings and TrainConfig.cache_problems).
+_SAMPLED_LOSS_WHY = (
+    "needs the teacher's probability of the student's own tokens, which a sampled cache does not hold (only "
+    "forward KL, linear in the teacher's probabilities, has an unbiased gradient from sampled tokens)"
+)
+_SAMPLED_TEMPERATURE_WHY = "the tokens were drawn from the teacher at T=1 (a tempered proposal is not built)"
 _BATCH_RE = re.compile(r"^\s*(\d+)\s*(seq|seqs|sequences|tok|tokens|t)?\s*$")
 
 
@@ -39,6 +48,10 @@ class KDSettings:
     alpha: float = 1.0  # weight of the KD term against CE on the real next tokens (1 = pure KD)
     no_tail: bool = False  # drop the tail bucket and renormalise the teacher head (the biased baseline)
     chunk_size: int = 512  # positions whose full-vocabulary logits exist at once
+    # The cache's target mode (its TargetSpec.mode). "sampled": the weights stand for the whole distribution, there
+    # is no tail bucket, and forward KL is soft cross-entropy against the student's full-vocabulary log-softmax
+    # (forward_kl at T=1 only). "topk"/"adaptive": the head + tail buckets, every loss.
+    target_mode: str = "topk"
 
     def __post_init__(self) -> None:
         errors = []
@@ -52,8 +65,24 @@ class KDSettings:
             errors.append(f"alpha must be in [0, 1], got {self.alpha}")
         if self.chunk_size < 1:
             errors.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.target_mode not in TARGET_MODES:
+            errors.append(f"target_mode {self.target_mode!r} is unknown; choose one of {', '.join(TARGET_MODES)}")
+        if self.sampled:
+            if self.loss != "forward_kl":
+                errors.append(f"loss {self.loss!r} can't train on sampled targets: it {_SAMPLED_LOSS_WHY}")
+            if self.temperature != 1.0:
+                errors.append(
+                    f"temperature {self.temperature} can't be used with sampled targets: {_SAMPLED_TEMPERATURE_WHY}"
+                )
+            if self.no_tail:
+                errors.append("no_tail does not apply to sampled targets: they have no tail bucket to drop")
         if errors:
             raise ConfigError("invalid KD settings: " + "; ".join(errors))
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the targets are sampled: no tail bucket, forward KL as soft cross-entropy (see target_mode)."""
+        return self.target_mode == "sampled"
 
 
 DEFAULT_KD = KDSettings()  # the defaults; frozen, so safe to share as a default argument
@@ -286,8 +315,37 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def kd_settings(self) -> KDSettings:
-        """The loss settings of this run."""
+    def cache_problems(self, target_mode: str, cache_top_k: int, cache: str) -> list[str]:
+        """What these options can't do with a cache of this target mode and width M (`cache_top_k`), each naming the
+        flag, the cache's mode and why; empty when the run can start. Checked before training starts."""
+        out = []
+        if self.top_k_used is not None and self.top_k_used > cache_top_k:
+            out.append(f"`--top-k-used {self.top_k_used}` exceeds the cache's top_k {cache_top_k}; use at most that")
+        if target_mode != "sampled":
+            return out
+        where = f"the cache {cache} holds sampled targets (targets mode 'sampled')"
+        if self.loss != "forward_kl":
+            out.append(
+                f"Can't use `--loss {self.loss}`: {where}, and {self.loss} {_SAMPLED_LOSS_WHY}. Use `--loss "
+                "forward_kl`, or a cache captured with `--targets topk` or `adaptive`"
+            )
+        if self.temperature != 1.0:
+            out.append(
+                f"Can't use `--temperature {self.temperature}`: {where}, and {_SAMPLED_TEMPERATURE_WHY}. Use "
+                "`--temperature 1`"
+            )
+        if self.top_k_used is not None:
+            out.append(
+                f"Can't use `--top-k-used {self.top_k_used}`: {where}; folding entries into the tail is wrong there "
+                "(a sampled token's weight stands for a share of the residual mass, and the sampled loss has no tail "
+                "bucket to fold into). Drop `--top-k-used`"
+            )
+        if self.no_tail:
+            out.append(f"Can't use `--no-tail`: {where}, which have no tail bucket to drop. Drop `--no-tail`")
+        return out
+
+    def kd_settings(self, target_mode: str = "topk") -> KDSettings:
+        """The loss settings of this run on a cache of `target_mode` (its TargetSpec.mode)."""
         return KDSettings(
             loss=self.loss,
             beta=self.beta,
@@ -295,6 +353,7 @@ class TrainConfig:
             alpha=self.alpha,
             no_tail=self.no_tail,
             chunk_size=self.kd_chunk_size,
+            target_mode=target_mode,
         )
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -92,52 +92,72 @@ def _part_rows(n_rows: int, part: int, num_parts: int) -> tuple[int, int]:
 def collate(
     seqs: list[CachedSequence], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Pads sequences into a batch and gathers the teacher's arrays at the loss positions only.
+    """Pads sequences into a batch and gathers the teacher's sparse target view at the loss positions only.
 
     Position t of sequence b (predicting input_ids[b, t+1]) trains when loss_mask[b, t+1]; those N positions are, in
-    row-major order: `positions` int64 [N] flat indices into [B, L] (the student's logits at b, t), `targets` int64
-    [N], `entry_ids` int64 [N, K] (-1 = padding), `entry_logprobs` float32 [N, K], `tail_mass` float32 [N],
-    `next_token_logprobs` float32 [N]. Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L],
-    `num_tokens` (real tokens), `num_positions` and `epoch` (of the last row) int64 scalars, and `sequence_id`
-    int64 [B]. Head entries beyond `top_k_used`, and ids outside
-    the tokenizer's vocabulary (padded logit rows), are folded into the tail bucket.
+    row-major order:
+      `positions` int64 [N]: flat indices into [B, L] (the student's logits at b, t);
+      `next_token_ids` int64 [N]: the real next tokens (the CE term's labels);
+      `next_token_logprobs` float32 [N]: the teacher's log-prob of the real next token;
+      `target_ids` int64 [N, M] (-1 = padding), `target_probs` float32 [N, M] (0 = padding), `tail_mass` float32 [N]:
+        the sparse target view (`CachedSequence.sparse_targets()`: the weights of the teacher's distribution and the
+        mass they leave uncovered, 0 for sampled caches); `TeacherTargets.from_batch` reads these three.
+    Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L], `num_tokens` (real tokens),
+    `num_positions` and `epoch` (of the last row) int64 scalars, and `sequence_id` int64 [B].
+
+    topk/adaptive caches: entries beyond `top_k_used`, and ids outside the tokenizer's vocabulary (padded logit
+    rows), are folded into the tail. Sampled caches refuse both (ValueError): a sampled id's weight stands for a share
+    of the residual mass, and their loss has no tail bucket to fold it into.
     """
     lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
     bsz, width = len(seqs), int(lengths.max())
     input_ids = np.zeros((bsz, width), dtype=np.int64)
     attention = np.zeros((bsz, width), dtype=np.int64)
-    pos, ids, lps, tail, tgt_lp = [], [], [], [], []
+    pos, ids, probs, tail, tgt_lp = [], [], [], [], []
     for b, s in enumerate(seqs):
         n = s.num_tokens
         input_ids[b, :n] = s.input_ids
         attention[b, :n] = 1
         t = np.flatnonzero(s.loss_mask[1:])
+        view = s.sparse_targets()
         pos.append(b * width + t)
-        ids.append(s.entry_ids[t])
-        lps.append(s.entry_logprobs[t])
-        tail.append(s.tail_mass[t])
+        ids.append(view.target_ids[t])
+        probs.append(view.target_probs[t])
+        tail.append(view.tail_mass[t])
         tgt_lp.append(s.next_token_logprobs[t])
     positions = np.concatenate(pos)
-    entry_ids = np.concatenate(ids).astype(np.int64)
-    entry_lps = np.concatenate(lps).astype(np.float32)
+    target_ids = np.concatenate(ids).astype(np.int64)
+    target_probs = np.concatenate(probs).astype(np.float32)
     tail_mass = np.concatenate(tail).astype(np.float64)
-    if top_k_used is not None and top_k_used < entry_ids.shape[1]:
-        dropped = np.where(entry_ids[:, top_k_used:] >= 0, np.exp(entry_lps[:, top_k_used:].astype(np.float64)), 0.0)
-        tail_mass += dropped.sum(axis=1)
-        entry_ids, entry_lps = entry_ids[:, :top_k_used], entry_lps[:, :top_k_used]
-    outside = entry_ids >= vocab_size
+    sampled = any(s.num_samples > 0 for s in seqs)
+    if top_k_used is not None and top_k_used < target_ids.shape[1]:
+        if sampled:
+            raise ValueError(
+                f"top_k_used={top_k_used} can't be used on sampled targets: folding entries into the tail is wrong "
+                "there (a sampled id's weight stands for a share of the residual mass, and their loss has no tail "
+                "bucket)"
+            )
+        tail_mass += target_probs[:, top_k_used:].sum(axis=1, dtype=np.float64)
+        target_ids, target_probs = target_ids[:, :top_k_used], target_probs[:, :top_k_used]
+    outside = target_ids >= vocab_size
     if outside.any():
-        tail_mass += np.where(outside, np.exp(entry_lps.astype(np.float64)), 0.0).sum(axis=1)
-        entry_ids = np.where(outside, -1, entry_ids)
-        entry_lps = np.where(outside, -np.inf, entry_lps).astype(np.float32)
+        if sampled:
+            raise ValueError(
+                f"sequences {[s.sequence_id for s in seqs]}: sampled target id {int(target_ids[outside].max())} is "
+                f"outside the tokenizer's vocabulary ({vocab_size} tokens); it can't be folded into a tail (its weight "
+                "stands for a share of the residual mass, and the sampled loss has no tail bucket)"
+            )
+        tail_mass += np.where(outside, target_probs, 0.0).sum(axis=1)
+        target_ids = np.where(outside, -1, target_ids)
+        target_probs = np.where(outside, 0.0, target_probs).astype(np.float32)
     flat_ids = input_ids.reshape(-1)
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "positions": torch.from_numpy(positions),
-        "targets": torch.from_numpy(flat_ids[positions + 1]),
-        "entry_ids": torch.from_numpy(np.ascontiguousarray(entry_ids)),
-        "entry_logprobs": torch.from_numpy(np.ascontiguousarray(entry_lps)),
+        "next_token_ids": torch.from_numpy(flat_ids[positions + 1]),
+        "target_ids": torch.from_numpy(np.ascontiguousarray(target_ids)),
+        "target_probs": torch.from_numpy(np.ascontiguousarray(target_probs)),
         "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32)),
         "next_token_logprobs": torch.from_numpy(np.concatenate(tgt_lp).astype(np.float32)),
         "num_tokens": torch.tensor(int(lengths.sum())),

@@ -18,8 +18,14 @@ __all__ = ["evaluate", "EVAL_FIELDS"]
 EVAL_FIELDS = {
     "ce": "student cross-entropy on the real next tokens (nats/token)",
     "perplexity": "exp(ce)",
-    "kl": "KL(teacher || student) on the bucketed support (head + tail), T=1 (nats/position)",
-    "top1_agreement": "share of positions where the student's argmax is the teacher's top-1 token",
+    "kl": (
+        "KL(teacher || student) on the bucketed support (head + tail), T=1 (nats/position); on a sampled cache "
+        "sum w (log w - log q) over the sampled weights w, on average above the full KL (log w is not log p)"
+    ),
+    "top1_agreement": (
+        "share of positions where the student's argmax is the teacher's top-1 token (on a sampled cache with no "
+        "exact entries, the most probable sampled token)"
+    ),
     "teacher_ce": "the teacher's own cross-entropy on the same tokens, from the cache (nats/token)",
     "positions": "held-out loss positions evaluated",
 }

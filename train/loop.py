@@ -17,7 +17,7 @@ from torch import nn
 
 from logitcache.storage import CacheReader
 from logitcache.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_final
-from logitcache.train.config import ConfigError, TrainConfig
+from logitcache.train.config import ConfigError, KDSettings, TrainConfig
 from logitcache.train.data import CacheStream, steps_for_epochs
 from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
 from logitcache.train.evaluate import evaluate
@@ -228,8 +228,10 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     restores them from the latest checkpoint on --resume."""
     run_dir = Path(cfg.output)
     reader = CacheReader(cfg.cache)
-    if cfg.top_k_used is not None and cfg.top_k_used > reader.top_k:
-        raise ConfigError(f"`--top-k-used {cfg.top_k_used}` exceeds the cache's top_k {reader.top_k}; use at most that")
+    target_mode = reader.targets.mode
+    problems = cfg.cache_problems(target_mode, reader.top_k, reader.path)
+    if problems:
+        raise ConfigError("invalid training options for this cache:\n  - " + "\n  - ".join(problems))
     ckpt, state = _resume_point(run_dir, cfg, reader, env)
     student = build_student(str(ckpt) if ckpt else cfg.student, reader, cfg.tokenizer, cfg.seed)
     if state is not None:
@@ -247,7 +249,7 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     )
     if env.is_main:
         _write_config(run_dir, cfg, env, reader, student, total)
-    dm = _distill_model(student, cfg, env)
+    dm = _distill_model(student, cfg.kd_settings(target_mode), cfg, env)
     model = _wrap(dm, cfg, env)
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
     sched = _scheduler(opt, cfg, total)
@@ -307,15 +309,16 @@ def _write_config(
         "student_kind": student.kind,
         "vocab_size": student.vocab_size,
         "cache_top_k": reader.top_k,
+        "cache_targets": reader.targets.to_header(),
         "cache_id": reader.content_id,
         "student_logits": int(student.model.get_output_embeddings().weight.shape[0]),
     }
     (run_dir / CONFIG_NAME).write_text(json.dumps({"train": cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
 
 
-def _distill_model(student: Student, cfg: TrainConfig, env: DistEnv) -> DistillModel:
+def _distill_model(student: Student, settings: KDSettings, cfg: TrainConfig, env: DistEnv) -> DistillModel:
     """The student with its loss, on the device, with activation checkpointing and torch.compile as asked."""
-    dm = DistillModel(student.model, student.vocab_size, cfg.kd_settings()).to(env.device)
+    dm = DistillModel(student.model, student.vocab_size, settings).to(env.device)
     if cfg.grad_checkpointing:
         student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:

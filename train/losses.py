@@ -1,10 +1,23 @@
-"""Distillation losses on the bucketed support (cached top-k head + one tail bucket), chunked over positions.
+"""Distillation losses on the sparse target view (stored entries + one tail bucket), chunked over positions.
 
-The teacher is known only through its top-k log-probs at T=1 and the exact mass outside them (`tail_mass`). Every
-loss here compares two distributions over the same K+1 outcomes: the K head tokens H and one "tail" bucket that
-stands for every other token. Teacher: P = (p_i for i in H, p_tail). Student: Q = (q_i for i in H, q_tail) with
+The teacher is known through the cache's sparse target view (storage/targets.py, `TeacherTargets` here): M target
+ids with weights and the mass they leave uncovered (`tail_mass`). Teacher log-probs are log(weight), floored at
+_LOG_FLOOR (a weight of 0 on a valid id contributes 0, never NaN).
+
+`topk` and `adaptive` caches: the weights are the teacher's exact probabilities of the stored (head) ids H. Every loss
+here compares two distributions over the same |H|+1 outcomes: the head tokens and one "tail" bucket that stands for
+every other token. Teacher: P = (p_i for i in H, p_tail). Student: Q = (q_i for i in H, q_tail) with
 q = softmax(student logits) over the full vocabulary and q_tail = 1 - sum_H q_i, computed as a log-sum-exp over the
 complement of H (exact and stable even when the head holds nearly all of the mass, where log1p(-sum) loses digits).
+
+`sampled` caches (`KDSettings.target_mode == "sampled"`, set from the cache's TargetSpec): the weights are the exact
+top-r probabilities plus residual * count / N for each sampled id, an unbiased estimate of the teacher's probability
+of every id, and they cover the whole distribution (the view's tail is 0). There is no tail bucket: forward KL is
+sum_i w_i (log w_i - log q_i) with q the student's full-vocabulary softmax (NOT renormalised over the ids), i.e. the
+soft cross-entropy minus a constant (the weights are renormalised to sum 1, which only undoes the codec's rounding of
+the exact entries), linear in the weights, so its gradient (q - w) is an unbiased estimate of the
+full-distribution gradient (q - p). Its value is not an unbiased KL (log w_i is not log p_i). The other losses (and
+T != 1) need the teacher's probability of the student's tokens and are refused (train/config.py).
 
 Divergences (per position, summed over the K+1 buckets):
     forward_kl  KL(P || Q)        = sum P (log P - log Q)
@@ -43,7 +56,7 @@ checkpointing), so peak memory stays at one chunk's [chunk, V] logits instead of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -54,6 +67,7 @@ __all__ = [
     "LOSSES",
     "TAIL_FLOOR",
     "LossParts",
+    "TeacherTargets",
     "bucket_logprobs",
     "divergence",
     "kd_loss_per_position",
@@ -82,35 +96,57 @@ class LossParts(NamedTuple):
     num_positions: int
 
 
-def bucket_logprobs(
-    student_logits: torch.Tensor,
-    entry_ids: torch.Tensor,
-    entry_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    temperature: float = 1.0,
-    no_tail: bool = False,
-    renormalise_student: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probs on the K+1 buckets (head tokens, then the tail), tempered.
+class TeacherTargets(NamedTuple):
+    """The teacher's side of the loss at N positions: the sparse target view (storage/targets.py) as tensors.
 
-    student_logits: float [N, V] (any float dtype; computed in float32); entry_ids: int [N, K], -1 = padding;
-    entry_logprobs: float [N, K] teacher log-probs at T=1 (ignored where padded); tail_mass: float [N] in [0, 1].
-    Returns (teacher_lp, student_lp, valid): float32 [N, K+1], float32 [N, K+1], bool [N, K+1]. Invalid buckets
-    (padding; the tail when `no_tail`) hold _LOG_FLOOR and must be given zero weight. `renormalise_student` only
-    matters with `no_tail`: False keeps the student's full-vocabulary log-probs at the head ids (forward KL's baseline).
+    A position's weights `probs` plus `tail_mass` sum to 1. For `topk`/`adaptive` caches the weights are the teacher's
+    exact probabilities of the stored ids and `tail_mass` the mass outside them; for `sampled` caches they are
+    unbiased estimates of the teacher's probabilities (exact top-r, then residual * count / N) and the tail is 0.
+    """
+
+    ids: torch.Tensor  # int [N, M], -1 = padding
+    probs: torch.Tensor  # float [N, M], 0 where padded
+    tail_mass: torch.Tensor  # float [N] in [0, 1], the mass `probs` leaves uncovered
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor]) -> TeacherTargets:
+        """The targets of a `collate` batch (keys `target_ids`, `target_probs`, `tail_mass`)."""
+        return cls(batch["target_ids"], batch["target_probs"], batch["tail_mass"])
+
+    def rows(self, index: slice | torch.Tensor) -> TeacherTargets:
+        """The targets at a subset of the positions."""
+        return TeacherTargets(self.ids[index], self.probs[index], self.tail_mass[index])
+
+    def logprobs(self) -> torch.Tensor:
+        """float32 [N, M]: log of the weights, floored at _LOG_FLOOR (a weight of 0 stays a finite term of weight 0)."""
+        return torch.log(self.probs.float()).clamp(min=_LOG_FLOOR)
+
+
+def bucket_logprobs(
+    student_logits: torch.Tensor, teacher: TeacherTargets, settings: KDSettings = DEFAULT_KD
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs on the M+1 buckets (the target ids, then the tail), tempered.
+
+    student_logits: float [N, V] (any float dtype; computed in float32); teacher: the targets at the N positions.
+    Returns (teacher_lp, student_lp, valid): float32 [N, M+1], float32 [N, M+1], bool [N, M+1]. Invalid buckets
+    (padding; the tail when it is dropped) hold _LOG_FLOOR and must be given zero weight. The tail bucket is dropped
+    with `settings.no_tail` (the baseline) and for sampled targets (none exists); there forward KL compares with the
+    student's full-vocabulary log-softmax at the target ids, every other loss with the student renormalised over them.
     """
     z = student_logits.float()
-    valid_head = entry_ids >= 0
-    ids = entry_ids.clamp(min=0).long()
+    valid_head = teacher.ids >= 0
+    ids = teacher.ids.clamp(min=0).long()
     lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
-    s_head = z.gather(-1, ids) - lse_all  # student log q_i at T=1, [N, K]
+    s_head = z.gather(-1, ids) - lse_all  # student log q_i at T=1, [N, M]
     neg = torch.full_like(s_head, _LOG_FLOOR)
+    temperature = settings.temperature
 
-    t_head = torch.where(valid_head, entry_logprobs.float(), neg)
-    if no_tail:
-        # Baseline: renormalised teacher head vs the student's full-vocabulary log-softmax at T, gathered.
+    t_head = torch.where(valid_head, teacher.logprobs(), neg)
+    if settings.no_tail or settings.sampled:
+        # Sampled: the weights cover the whole distribution, so sum_i w_i log q_i is the soft cross-entropy with the
+        # full vocabulary (an unbiased estimate of the full one). Baseline: the renormalised teacher head.
         t_lp = torch.log_softmax(t_head / temperature, dim=-1)
-        if renormalise_student:
+        if settings.loss != "forward_kl":
             s_lp = torch.log_softmax(torch.where(valid_head, z.gather(-1, ids), neg) / temperature, dim=-1)
         else:
             s_lp = (z.gather(-1, ids) / temperature) - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
@@ -124,7 +160,7 @@ def bucket_logprobs(
     # scatter_add, not scatter: padded slots point at id 0 too, and must not unmask a real head token 0
     head_mask = torch.zeros_like(z, dtype=torch.int32).scatter_add_(-1, ids, valid_head.to(torch.int32)) > 0
     s_tail = torch.logsumexp(z.masked_fill(head_mask, _LOG_FLOOR), dim=-1, keepdim=True) - lse_all
-    t_tail = torch.log(tail_mass.float().clamp(min=TAIL_FLOOR)).unsqueeze(-1)
+    t_tail = torch.log(teacher.tail_mass.float().clamp(min=TAIL_FLOOR)).unsqueeze(-1)
     s_head = torch.where(valid_head, s_head, neg)
     # The tail bucket exists only where some token lies outside the head (k = V leaves it empty on both sides).
     has_tail = head_mask.sum(dim=-1, keepdim=True) < z.shape[-1]
@@ -172,41 +208,24 @@ def divergence(
 
 
 def kd_loss_per_position(
-    student_logits: torch.Tensor,
-    entry_ids: torch.Tensor,
-    entry_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    settings: KDSettings = DEFAULT_KD,
+    student_logits: torch.Tensor, teacher: TeacherTargets, settings: KDSettings = DEFAULT_KD
 ) -> torch.Tensor:
     """KD divergence at each position on the bucketed support (not scaled by T^2; alpha is not applied).
 
-    student_logits: float [N, V]; entry_ids: int [N, K] (-1 = padding); entry_logprobs: float [N, K] (T=1);
-    tail_mass: float [N]. Uses settings.loss, beta, temperature and no_tail. Returns float32 [N].
+    student_logits: float [N, V]; teacher: the targets at the N positions. Uses settings.loss, beta, temperature,
+    no_tail and target_mode. Returns float32 [N].
     """
-    t_lp, s_lp, valid = bucket_logprobs(
-        student_logits,
-        entry_ids,
-        entry_logprobs,
-        tail_mass,
-        settings.temperature,
-        settings.no_tail,
-        renormalise_student=settings.loss != "forward_kl",
-    )
+    t_lp, s_lp, valid = bucket_logprobs(student_logits, teacher, settings)
     return divergence(t_lp, s_lp, valid, settings.loss, settings.beta)
 
 
 def _chunk_sums(
-    logits: torch.Tensor,
-    entry_ids: torch.Tensor,
-    entry_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    targets: torch.Tensor,
-    settings: KDSettings,
+    logits: torch.Tensor, teacher: TeacherTargets, next_token_ids: torch.Tensor, settings: KDSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weighted sum, kd sum, ce sum) of one chunk's positions; logits [C, V]."""
-    ce = F.cross_entropy(logits.float(), targets.long(), reduction="sum")
+    ce = F.cross_entropy(logits.float(), next_token_ids.long(), reduction="sum")
     if settings.alpha > 0.0:
-        kd = kd_loss_per_position(logits, entry_ids, entry_logprobs, tail_mass, settings).sum()
+        kd = kd_loss_per_position(logits, teacher, settings).sum()
     else:
         kd = logits.new_zeros((), dtype=torch.float32)
     total = settings.alpha * settings.temperature**2 * kd + (1.0 - settings.alpha) * ce
@@ -215,20 +234,18 @@ def _chunk_sums(
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    entry_ids: torch.Tensor,
-    entry_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    targets: torch.Tensor,
+    teacher: TeacherTargets,
+    next_token_ids: torch.Tensor,
     settings: KDSettings = DEFAULT_KD,
     normalizer: float | None = None,
 ) -> LossParts:
     """alpha * T^2 * KD + (1 - alpha) * CE, summed over positions and divided by `normalizer` (default: N).
 
-    All inputs are the loss-mask positions only: student_logits float [N, V]; entry_ids int [N, K];
-    entry_logprobs float [N, K]; tail_mass float [N]; targets int [N] (the real next tokens).
+    All inputs are the loss-mask positions only: student_logits float [N, V]; teacher: the targets at those N
+    positions; next_token_ids int [N] (the real next tokens, for the CE term).
     """
-    n = int(targets.shape[0])
-    total, kd, ce = _chunk_sums(student_logits, entry_ids, entry_logprobs, tail_mass, targets, settings)
+    n = int(next_token_ids.shape[0])
+    total, kd, ce = _chunk_sums(student_logits, teacher, next_token_ids, settings)
     norm = float(normalizer if normalizer is not None else max(n, 1))
     return LossParts(total=total / norm, kd_sum=kd, ce_sum=ce, num_positions=n)
 
@@ -236,10 +253,8 @@ def distillation_loss(
 def chunked_distillation_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
-    entry_ids: torch.Tensor,
-    entry_logprobs: torch.Tensor,
-    tail_mass: torch.Tensor,
-    targets: torch.Tensor,
+    teacher: TeacherTargets,
+    next_token_ids: torch.Tensor,
     settings: KDSettings = DEFAULT_KD,
     normalizer: float | None = None,
 ) -> LossParts:
@@ -249,11 +264,11 @@ def chunked_distillation_loss(
     logits (the output embedding, sliced to the cache's vocabulary). Other inputs as `distillation_loss`.
     Each chunk is recomputed during backward (torch.utils.checkpoint), so only hidden is kept between passes.
     """
-    n = int(targets.shape[0])
+    n = int(next_token_ids.shape[0])
     chunk_size = settings.chunk_size
 
-    def run(h: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, tail: torch.Tensor, tgt: torch.Tensor):
-        return _chunk_sums(head(h), ids, lps, tail, tgt, settings)
+    def run(h: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, tgt: torch.Tensor):
+        return _chunk_sums(head(h), TeacherTargets(ids, probs, tail), tgt, settings)
 
     # A batch without loss positions (a chat window with no assistant token) still gives a loss tied to the graph:
     # its backward yields zero gradients, so DDP/FSDP ranks stay in step instead of one rank skipping a reduction.
@@ -262,7 +277,7 @@ def chunked_distillation_loss(
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (hidden[sl], entry_ids[sl], entry_logprobs[sl], tail_mass[sl], targets[sl])
+        args = (hidden[sl], *teacher.rows(sl), next_token_ids[sl])
         if torch.is_grad_enabled() and hidden.requires_grad:
             t, k, c = checkpoint(run, *args, use_reentrant=False)
         else:

@@ -13,7 +13,7 @@ from torch import nn
 
 from logitcache.storage import CacheLayout, CacheReader, LMHeadTransform, tokenizer_fingerprint
 from logitcache.train.config import DEFAULT_KD, KDSettings
-from logitcache.train.losses import LossParts, chunked_distillation_loss, kd_loss_per_position
+from logitcache.train.losses import LossParts, TeacherTargets, chunked_distillation_loss, kd_loss_per_position
 
 __all__ = [
     "PRESETS",
@@ -268,27 +268,23 @@ class DistillModel(nn.Module):
         hidden = self.hidden_at(batch["input_ids"], batch["attention_mask"], batch["positions"])
         if evaluate:
             return self._eval_sums(hidden, batch)
+        teacher = TeacherTargets.from_batch(batch)
         return chunked_distillation_loss(
-            hidden,
-            self.head,
-            batch["entry_ids"],
-            batch["entry_logprobs"],
-            batch["tail_mass"],
-            batch["targets"],
-            self.settings,
-            normalizer=normalizer,
+            hidden, self.head, teacher, batch["next_token_ids"], self.settings, normalizer=normalizer
         )
 
     @torch.no_grad()
     def _eval_sums(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> EvalSums:
         sums = EvalSums.zeros(hidden.device)
-        at_t1 = KDSettings(chunk_size=self.settings.chunk_size)  # KL at T=1 with the tail, whatever the training loss
+        # forward KL at T=1 (with the tail bucket, unless the targets are sampled), whatever the training loss
+        at_t1 = KDSettings(chunk_size=self.settings.chunk_size, target_mode=self.settings.target_mode)
         chunk = at_t1.chunk_size
+        teacher = TeacherTargets.from_batch(batch)
         for s in range(0, hidden.shape[0], chunk):
             sl = slice(s, s + chunk)
             logits = self.head(hidden[sl]).float()
-            ids, tgt = batch["entry_ids"][sl], batch["targets"][sl]
-            kl = kd_loss_per_position(logits, ids, batch["entry_logprobs"][sl], batch["tail_mass"][sl], at_t1)
+            ids, tgt = teacher.ids[sl], batch["next_token_ids"][sl]
+            kl = kd_loss_per_position(logits, teacher.rows(sl), at_t1)
             agree = (logits.argmax(dim=-1) == ids[:, 0]) & (ids[:, 0] >= 0)
             sums = sums + EvalSums(
                 ce=nn.functional.cross_entropy(logits, tgt, reduction="sum").double(),

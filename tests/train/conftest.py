@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from logitcache.storage import CachedSequence, tokenizer_fingerprint, write_cache
+from logitcache.storage.targets import TargetSpec
 
 
 def make_tokenizer_dir(path: Path, vocab: int, prefix: str = "w") -> str:
@@ -33,9 +34,16 @@ def bigram_teacher(vocab: int, seed: int = 0, sharpness: float = 3.0) -> np.ndar
 
 
 def sample_sequence(
-    rng: np.random.Generator, teacher: np.ndarray, sequence_id: int, length: int, k: int, mask_prompt: int = 0
+    rng: np.random.Generator,
+    teacher: np.ndarray,
+    sequence_id: int,
+    length: int,
+    k: int,
+    mask_prompt: int = 0,
+    targets: TargetSpec | None = None,
 ) -> CachedSequence:
-    """A sequence sampled from the bigram teacher, with its exact top-k, target log-probs and tail mass."""
+    """A sequence sampled from the bigram teacher, with its exact top-k (or, for a sampled `targets`, its
+    `sample_entries`), next-token log-probs and tail mass."""
     vocab = teacher.shape[0]
     ids = np.empty(length, dtype=np.int64)
     ids[0] = rng.integers(1, vocab)
@@ -46,7 +54,7 @@ def sample_sequence(
     top = np.take_along_axis(lp, order, axis=1)
     loss_mask = np.ones(length, dtype=bool)
     loss_mask[: mask_prompt + 1] = False
-    return CachedSequence(
+    seq = CachedSequence(
         sequence_id=sequence_id,
         input_ids=ids.astype(np.int32),
         loss_mask=loss_mask,
@@ -54,6 +62,46 @@ def sample_sequence(
         entry_logprobs=top.astype(np.float32),
         next_token_logprobs=lp[np.arange(length - 1), ids[1:]].astype(np.float32),
         tail_mass=np.clip(1.0 - np.exp(top).sum(axis=1), 0.0, 1.0).astype(np.float32),
+    )
+    if targets is not None and targets.mode == "sampled":
+        seq.entry_ids, seq.entry_logprobs, seq.sample_counts, seq.tail_mass = sample_entries(
+            rng, lp, targets.exact_top, targets.samples
+        )
+        seq.num_samples = targets.samples
+    return seq
+
+
+def sample_entries(
+    rng: np.random.Generator, logprobs: np.ndarray, exact_top: int, samples: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sampled targets of P teacher distributions (float64 log-probs [P, V]) by plain numpy, as FORMAT.md defines
+    them: the exact top-r, then N draws with replacement from the rest renormalised, kept as unique ids with counts.
+
+    Returns entry_ids int32 [P, M] (M = r + N; sorted by log-prob, descending; -1 padding), entry_logprobs float32
+    [P, M] (-inf padding), sample_counts uint16 [P, M] (0 for exact entries and padding), tail_mass float32 [P] (the
+    residual mass the draws stand for).
+    """
+    num, vocab = logprobs.shape
+    exact = np.argsort(-logprobs, axis=1, kind="stable")[:, :exact_top]
+    rest = np.exp(logprobs)
+    np.put_along_axis(rest, exact, 0.0, axis=1)
+    residual = rest.sum(axis=1)
+    cdf = np.cumsum(rest, axis=1)
+    u = rng.random((num, samples)) * cdf[:, -1:]
+    draws = (cdf[:, None, :] <= u[:, :, None]).sum(axis=-1)  # inverse CDF: zero-probability ids are never drawn
+    counts = np.zeros((num, vocab), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(num), samples), draws.reshape(-1)), 1)
+    counts[residual <= 0] = 0
+    keep = counts > 0
+    np.put_along_axis(keep, exact, True, axis=1)
+    width = exact_top + samples
+    order = np.argsort(-np.where(keep, logprobs, -np.inf), axis=1, kind="stable")[:, :width]
+    valid = np.take_along_axis(keep, order, axis=1)
+    return (
+        np.where(valid, order, -1).astype(np.int32),
+        np.where(valid, np.take_along_axis(logprobs, order, axis=1), -np.inf).astype(np.float32),
+        np.where(valid, np.take_along_axis(counts, order, axis=1), 0).astype(np.uint16),
+        residual.astype(np.float32),
     )
 
 
@@ -69,9 +117,11 @@ def write_synthetic_cache(
     max_len: int = 24,
     codec: str = "f32",
     tokenizer_dir: Path | None = None,
+    targets: TargetSpec | None = None,
     **writer: Any,
 ) -> Path:
-    """A finished cache of bigram-teacher sequences (and its tokenizer, in path/../tokenizer by default)."""
+    """A finished cache of bigram-teacher sequences (and its tokenizer, in path/../tokenizer by default); top-k
+    targets, or those of `targets` (a sampled spec: numpy `sample_entries`, M = r + N entries)."""
     tok_dir = tokenizer_dir or path.parent / f"{path.name}-tokenizer"
     fingerprint = make_tokenizer_dir(tok_dir, vocab)
     teacher = bigram_teacher(vocab, seed)
@@ -88,9 +138,14 @@ def write_synthetic_cache(
         "dataset": {"source": "synthetic-bigram"},
         "num_replicas": 1,
     }
+    if targets is not None:
+        k = targets.max_entries
+        header["capture"] = {**header["capture"], "top_k": k, "targets": targets.to_header()}
     writer.setdefault("row_group_bytes", 4_000)
     seqs = (
-        sample_sequence(rng, teacher, (i * 3 + 1) << 16, int(rng.integers(min_len, max_len + 1)), k, mask_prompt=i % 3)
+        sample_sequence(
+            rng, teacher, (i * 3 + 1) << 16, int(rng.integers(min_len, max_len + 1)), k, i % 3, targets=targets
+        )
         for i in range(num_sequences)
     )
     write_cache(path, header, seqs, **writer)
@@ -101,6 +156,15 @@ def write_synthetic_cache(
 def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 bigram sequences, V=96, k=8, several row groups."""
     return write_synthetic_cache(tmp_path_factory.mktemp("synth") / "cache")
+
+
+SAMPLED_SPEC = TargetSpec(mode="sampled", exact_top=2, samples=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def sampled_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synth_cache's teacher and sequences with sampled targets: exact top-2 plus 6 draws (M = 8), V=96."""
+    return write_synthetic_cache(tmp_path_factory.mktemp("sampled") / "cache", targets=SAMPLED_SPEC)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.train.cli import _resolve
-from logitcache.train.config import ConfigError, TrainConfig, parse_batch_size
+from logitcache.train.config import TARGET_MODES, ConfigError, TrainConfig, parse_batch_size
 
 BASE = {"cache": "c", "student": "tiny-llama", "output": "o"}
 
@@ -59,3 +59,32 @@ def test_cli_reports_bad_options_without_starting() -> None:
     res = CliRunner().invoke(train_student, ["--cache", "c", "--student", "s", "--output", "o", "--loss", "skew_kl"])
     assert res.exit_code == 2
     assert "without `--beta`" in res.output
+
+
+def test_target_modes_are_storages() -> None:
+    from logitcache.storage import targets
+
+    assert TARGET_MODES == targets.TARGET_MODES
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "tvd", "skew_kl"])
+def test_a_sampled_cache_refuses_every_loss_but_forward_kl_and_says_why(loss: str) -> None:
+    beta = 0.5 if loss in ("jsd", "skew_kl") else None
+    cfg = TrainConfig(**BASE, loss=loss, beta=beta)
+    (msg,) = cfg.cache_problems("sampled", 12, "runs/c")
+    assert f"`--loss {loss}`" in msg and "targets mode 'sampled'" in msg and "runs/c" in msg
+    assert "teacher's probability of the student's own tokens" in msg and "`--loss forward_kl`" in msg
+    assert cfg.cache_problems("topk", 12, "runs/c") == cfg.cache_problems("adaptive", 12, "runs/c") == []
+
+
+def test_a_sampled_cache_refuses_temperature_top_k_used_and_no_tail_all_at_once() -> None:
+    cfg = TrainConfig(**BASE, temperature=2.0, top_k_used=4, no_tail=True, alpha=0.5)
+    problems = cfg.cache_problems("sampled", 12, "c")
+    assert len(problems) == 3
+    assert "`--temperature 2.0`" in problems[0] and "drawn from the teacher at T=1" in problems[0]
+    assert "`--top-k-used 4`" in problems[1] and "no tail bucket" in problems[1]
+    assert "`--no-tail`" in problems[2]
+    assert TrainConfig(**BASE, alpha=0.5).cache_problems("sampled", 12, "c") == []  # forward KL mixed with CE
+    assert "exceeds the cache's top_k 3" in TrainConfig(**BASE, top_k_used=4).cache_problems("topk", 3, "c")[0]
+    kd = TrainConfig(**BASE, alpha=0.5).kd_settings("sampled")
+    assert (kd.target_mode, kd.sampled, kd.alpha) == ("sampled", True, 0.5)

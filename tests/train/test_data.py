@@ -22,7 +22,7 @@ from logitcache.storage import (
 )
 from logitcache.train.data import CacheStream, assigned_parts, collate, held_out_mask, plan_parts, splitmix64
 
-from .conftest import bigram_teacher, make_tokenizer_dir, sample_sequence
+from .conftest import SAMPLED_SPEC, bigram_teacher, make_tokenizer_dir, sample_sequence
 
 SEQS_PER_ROW_GROUP = 8  # as at the default 16 MiB row groups with L=4096, k=64
 
@@ -160,11 +160,14 @@ def test_collate_aligns_teacher_arrays_with_student_positions(synth_cache: Path)
         assert int(b["attention_mask"][i].sum()) == s.num_tokens
     assert b["positions"].tolist() == expected_pos
     # the target at a position is the next token, and the teacher's log-prob of it is the cached one
-    assert torch.equal(b["targets"], b["input_ids"].reshape(-1)[b["positions"] + 1])
+    assert torch.equal(b["next_token_ids"], b["input_ids"].reshape(-1)[b["positions"] + 1])
     first = seqs[0]
     t0 = int(np.flatnonzero(first.loss_mask[1:])[0])
-    assert b["entry_ids"][0].tolist() == first.entry_ids[t0].tolist()
+    assert b["target_ids"][0].tolist() == first.entry_ids[t0].tolist()
+    # a topk cache's target weights are the teacher's probabilities of the stored ids
+    torch.testing.assert_close(b["target_probs"][0], torch.from_numpy(np.exp(first.entry_logprobs[t0])))
     assert float(b["tail_mass"][0]) == float(first.tail_mass[t0])
+    assert float(b["next_token_logprobs"][0]) == float(first.next_token_logprobs[t0])
 
 
 def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -> None:
@@ -172,14 +175,44 @@ def test_top_k_used_and_out_of_vocab_ids_fold_into_the_tail(synth_cache: Path) -
     seq = reader.read_row_group(0, 0).sequence(0)
     full = collate([seq], reader.vocab_size)
     cut = collate([seq], reader.vocab_size, top_k_used=3)
-    assert cut["entry_ids"].shape[1] == 3
-    dropped = full["entry_logprobs"][:, 3:].exp().sum(-1)
+    assert cut["target_ids"].shape[1] == cut["target_probs"].shape[1] == 3
+    dropped = full["target_probs"][:, 3:].sum(-1)
     torch.testing.assert_close(cut["tail_mass"], (full["tail_mass"] + dropped).clamp(max=1.0))
     # ids at or above the tokenizer's vocabulary (padded logit rows) are not tokens: folded into the tail
-    small_vocab = int(full["entry_ids"][0, 1]) if int(full["entry_ids"][0, 1]) > 0 else 1
+    small_vocab = int(full["target_ids"][0, 1]) if int(full["target_ids"][0, 1]) > 0 else 1
     folded = collate([seq], small_vocab)
-    assert int(folded["entry_ids"].max()) < small_vocab
-    assert float(folded["tail_mass"][0]) > float(full["tail_mass"][0])
+    outside = full["target_ids"] >= small_vocab
+    assert int(folded["target_ids"].max()) < small_vocab
+    assert float(folded["target_probs"][outside].abs().sum()) == 0.0
+    want = (full["tail_mass"] + torch.where(outside, full["target_probs"], 0.0).sum(-1)).clamp(max=1.0)
+    torch.testing.assert_close(folded["tail_mass"], want)
+
+
+def test_sampled_cache_collates_its_weights_with_no_tail(sampled_cache: Path) -> None:
+    reader = CacheReader(sampled_cache)
+    assert reader.targets == SAMPLED_SPEC
+    seq = reader.read_row_group(0, 0).sequence(0)
+    b = collate([seq], reader.vocab_size)
+    t = np.flatnonzero(seq.loss_mask[1:])
+    assert seq.sample_counts is not None
+    counts, residual = seq.sample_counts[t], seq.tail_mass[t].astype(np.float64)[:, None]
+    exact = (seq.entry_ids[t] >= 0) & (counts == 0)
+    want = np.where(
+        counts > 0, residual * counts / SAMPLED_SPEC.samples, np.where(exact, np.exp(seq.entry_logprobs[t]), 0)
+    )
+    assert b["target_ids"].tolist() == seq.entry_ids[t].tolist()
+    torch.testing.assert_close(b["target_probs"], torch.from_numpy(want.astype(np.float32)))
+    assert float(b["tail_mass"].abs().max()) == 0.0  # the draws stand for the residual: no tail bucket
+    torch.testing.assert_close(b["target_probs"].sum(-1), torch.ones(len(t)), atol=1e-5, rtol=0)
+
+
+def test_sampled_cache_refuses_top_k_used_and_out_of_vocab_folding(sampled_cache: Path) -> None:
+    reader = CacheReader(sampled_cache)
+    seq = reader.read_row_group(0, 0).sequence(0)
+    with pytest.raises(ValueError, match="top_k_used=3 can't be used on sampled targets: folding entries into the"):
+        collate([seq], reader.vocab_size, top_k_used=3)
+    with pytest.raises(ValueError, match="outside the tokenizer's vocabulary .* can't be folded into a tail"):
+        collate([seq], int(seq.entry_ids.max()))
 
 
 def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Path) -> None:
@@ -207,7 +240,7 @@ def test_eval_split_gives_every_rank_the_same_number_of_batches(synth_cache: Pat
             assert sum(map(len, real)) == len(single)
             assert [real[i % world][i // world] for i in range(len(single))] == single  # dealt round-robin
             for filler in (b for s in shares for b in s if int(b["num_positions"]) == 0):
-                assert filler["positions"].shape == (0,) and filler["entry_ids"].shape == (0, 8)  # k=8
+                assert filler["positions"].shape == (0,) and filler["target_ids"].shape == (0, 8)  # k=8
                 assert filler["input_ids"].shape == filler["attention_mask"].shape == (1, 1)
 
 
