@@ -39,11 +39,11 @@ class CachedSequence:
     entry_logprobs: np.ndarray
     next_token_logprobs: np.ndarray
     tail_mass: np.ndarray
-    sample_counts: np.ndarray | None = None  # uint16 [L-1, k]: draws of each entry (0: exact); sampled caches only
+    sample_counts: np.ndarray | None = None  # uint16 [L-1, M]: draws of each entry (0: exact); sampled caches only
     num_samples: int = 0  # N draws per position (sampled caches), else 0
 
     def sparse_targets(self) -> SparseTargets:
-        """The sparse target view (storage/targets.py): target ids/probs [L-1, k] and the uncovered mass [L-1]."""
+        """The sparse target view (storage/targets.py): target ids/probs [L-1, M] and the uncovered mass [L-1]."""
         return sparse_targets(self.entry_ids, self.entry_logprobs, self.tail_mass, self.sample_counts, self.num_samples)
 
     @property
