@@ -794,6 +794,13 @@ def main() -> int:
     torch.set_num_threads(st.threads)
     cmd = "python benchmarks/bench_targets.py" + ("" if len(sys.argv) < 2 else " " + " ".join(sys.argv[1:]))
     t_start = time.perf_counter()
+    import subprocess
+
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--short", "--", "storage", "pipeline", "train"], capture_output=True, text=True
+    )
     build = ensure_teacher(args.quick)
     teacher = args.teacher or build / "teacher"
     work = out_dir("targets-quick" if args.quick else "targets")
@@ -811,6 +818,7 @@ def main() -> int:
     results = [r for part in parts for r in part["results"]]
     doc: dict[str, Any] = {
         "command": cmd,
+        "code": {"commit": head, "uncommitted": dirty.stdout.split("\n")[:-1]},
         "settings": asdict(st),
         "teacher": str(teacher),
         "data": str(build / "data"),
