@@ -20,6 +20,8 @@ _EXPORTS = {
     "render_chat": "data",
     "DemoSpec": "demo_teacher",
     "build_demo": "demo_teacher",
+    "compact_entries": "targets",
+    "targets_from_logprobs": "targets",
 }
 
 __all__ = sorted(_EXPORTS)
