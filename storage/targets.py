@@ -111,11 +111,13 @@ def sparse_targets(
     `sample_counts` (0 for exact entries) and `num_samples` (N) are given for `sampled` caches only.
     """
     valid = entry_ids >= 0
-    probs = np.where(valid, np.exp(entry_logprobs.astype(np.float64)), 0.0)
-    tail = tail_mass.astype(np.float64)
+    # float32 exp: exact to float32's resolution (the stored log-probs are no finer), and the loader's hot path
+    probs = np.where(valid, np.exp(entry_logprobs.astype(np.float32, copy=False)), np.float32(0.0))
+    tail = tail_mass.astype(np.float32, copy=False)
     if sample_counts is not None and num_samples > 0:
         sampled = valid & (sample_counts > 0)
-        probs = np.where(sampled, tail[:, None] * sample_counts / num_samples, probs)
+        weights = tail[:, None] * (sample_counts.astype(np.float32) / np.float32(num_samples))
+        probs = np.where(sampled, weights, probs)
         # where no draw was made (the exact entries cover the vocabulary), the residual is 0 and stays uncovered
-        tail = np.where(sampled.any(axis=1), 0.0, tail)
-    return SparseTargets(entry_ids.astype(np.int32, copy=False), probs.astype(np.float32), tail.astype(np.float32))
+        tail = np.where(sampled.any(axis=1), np.float32(0.0), tail)
+    return SparseTargets(entry_ids.astype(np.int32, copy=False), probs.astype(np.float32, copy=False), tail)
