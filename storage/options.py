@@ -2,7 +2,7 @@
 YAML/JSON config-file loader. It lives in storage because both stages use it and neither imports the other.
 
 Each `init` field of the dataclass becomes `--field-name`, typed from its annotation, with its help from
-`field(metadata={"help": ...})` followed by its default. A bool field that defaults to False is a plain flag
+`option(default, help)` (the field's metadata) followed by its default. A bool field that defaults to False is a plain flag
 (`--no-tail`); one that defaults to True gets `--progress/--no-progress`. Every option defaults to None, meaning
 "not given", so that values from `--config FILE` apply and flags override them.
 """
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-__all__ = ["ConfigFileError", "config_options", "option_fields", "load_config_file", "flag_name"]
+__all__ = ["ConfigFileError", "option", "config_options", "option_fields", "load_config_file", "flag_name"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +31,12 @@ class ConfigFileError(ValueError):
 def flag_name(field_name: str) -> str:
     """`top_k` -> `--top-k`."""
     return "--" + field_name.replace("_", "-")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field and its CLI help: `top_k: int = option(64, "Tokens stored per position.")`; a required one is
+    `option(help=...)`, a mutable default `option(default_factory=dict, help=...)`."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
 
 
 def option_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Field[Any]]:

@@ -1,6 +1,6 @@
 """logitcache.train: distill a student from a teacher-logit cache (Stage 2).
 
-Importing the package loads only the stdlib config; the torch-based modules load on first use of their names.
+Importing the package loads only the config (no torch); the torch-based modules load on first use of their names.
 """
 
 from __future__ import annotations

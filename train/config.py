@@ -1,4 +1,4 @@
-"""TrainConfig: every option of `logitcache train-student`, validated at once (stdlib only: the CLI imports it)."""
+"""TrainConfig: every option of `logitcache train-student`, validated at once (no torch: the CLI imports it)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from logitcache.storage.options import option
+from logitcache.storage.targets import TARGET_MODES
 
 __all__ = [
     "LOSSES",
@@ -22,8 +25,6 @@ __all__ = [
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
-# storage.targets.TARGET_MODES, restated because this module is stdlib only (tests/train/test_config.py checks it)
-TARGET_MODES = ("topk", "adaptive", "sampled")
 # Why a sampled cache trains with forward KL at T=1 only (the messages of KDSettings and TrainConfig.cache_problems).
 _SAMPLED_LOSS_WHY = (
     "needs the teacher's probability of the student's own tokens, which a sampled cache does not hold (only "
@@ -103,138 +104,71 @@ def parse_batch_size(value: str | int) -> tuple[int, str]:
 class TrainConfig:
     """Options of one student run; each field is the CLI flag of the same name (underscores -> dashes)."""
 
-    cache: str = field(metadata={"help": "Cache directory (or URL) written by `logitcache cache-teacher`."})
-    student: str = field(
-        metadata={
-            "help": "HF causal LM to train: a directory/hub id with weights, a config JSON/YAML to initialise from scratch, or a preset (`tiny-llama`, `small-llama`) initialised from scratch with the cache's padded vocabulary."
-        }
+    cache: str = option(help="Cache directory (or URL) written by `logitcache cache-teacher`.")
+    student: str = option(
+        help="HF causal LM to train: a directory/hub id with weights, a config JSON/YAML to initialise from scratch, or a preset (`tiny-llama`, `small-llama`) initialised from scratch with the cache's padded vocabulary."
     )
-    output: str = field(
-        metadata={"help": "Run directory: config.json, metrics.jsonl, curves.png, checkpoints/step-N/, final/."}
+    output: str = option(help="Run directory: config.json, metrics.jsonl, curves.png, checkpoints/step-N/, final/.")
+    tokenizer: str | None = option(
+        None, "Tokenizer directory or id; default: the manifest's `tokenizer.name`. Must match the cache's fingerprint."
     )
-    tokenizer: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer directory or id; default: the manifest's `tokenizer.name`. Must match the cache's fingerprint."
-        },
+    loss: str = option(
+        "forward_kl", "KD divergence on the bucketed support: forward_kl, reverse_kl, jsd, tvd or skew_kl."
     )
-    loss: str = field(
-        default="forward_kl",
-        metadata={"help": "KD divergence on the bucketed support: forward_kl, reverse_kl, jsd, tvd or skew_kl."},
+    beta: float | None = option(
+        None, "Mixing weight in (0, 1) for `jsd` (M = beta P + (1-beta) Q) and `skew_kl`; unused by the other losses."
     )
-    beta: float | None = field(
-        default=None,
-        metadata={
-            "help": "Mixing weight in (0, 1) for `jsd` (M = beta P + (1-beta) Q) and `skew_kl`; unused by the other losses."
-        },
+    temperature: float = option(1.0, "Distillation temperature T > 0; the KD term is scaled by T^2.")
+    alpha: float = option(
+        1.0,
+        "Weight of the KD term: 1 = pure distillation, 0 = plain cross-entropy on the real next tokens. Default 1: the best of 0, 0.25, 0.5, 0.75, 1 at equal steps on the demo (BENCHMARKS.md, 'Choosing alpha').",
     )
-    temperature: float = field(
-        default=1.0, metadata={"help": "Distillation temperature T > 0; the KD term is scaled by T^2."}
+    top_k_used: int | None = option(
+        None, "Use only the first K cached entries per position (the rest joins the tail bucket); default: all."
     )
-    alpha: float = field(
-        default=1.0,
-        metadata={
-            "help": "Weight of the KD term: 1 = pure distillation, 0 = plain cross-entropy on the real next tokens. Default 1: the best of 0, 0.25, 0.5, 0.75, 1 at equal steps on the demo (BENCHMARKS.md, 'Choosing alpha')."
-        },
+    no_tail: bool = option(
+        False, "Drop the tail bucket and renormalise the teacher's head (the biased baseline, for comparisons)."
     )
-    top_k_used: int | None = field(
-        default=None,
-        metadata={
-            "help": "Use only the first K cached entries per position (the rest joins the tail bucket); default: all."
-        },
+    steps: int | None = option(None, "Optimizer steps to train; exclusive with `epochs`. Default: one epoch.")
+    epochs: float | None = option(
+        None, "Passes over the training split (converted to steps from the cache's counts); exclusive with `steps`."
     )
-    no_tail: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop the tail bucket and renormalise the teacher's head (the biased baseline, for comparisons)."
-        },
+    batch_size: str = option("8", 'Micro-batch per rank: sequences ("8") or a padded-token budget ("4096tok").')
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    lr: float | None = option(
+        None, "Peak learning rate; default 1e-3 for a student initialised from scratch, 5e-5 for pretrained weights."
     )
-    steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps to train; exclusive with `epochs`. Default: one epoch."}
+    warmup: float = option(0.05, "Warmup: a number of steps (>= 1) or a fraction of the steps (< 1).")
+    schedule: str = option("cosine", "Learning-rate decay after warmup: cosine, linear or constant.")
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = option(1.0, "Gradient clipping threshold (L2 norm); 0 disables it.")
+    seed: int = option(0, "Seeds the data order (with the epoch) and the student's initialisation.")
+    dtype: str = option(
+        "auto", "Autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Weights stay float32."
     )
-    epochs: float | None = field(
-        default=None,
-        metadata={
-            "help": "Passes over the training split (converted to steps from the cache's counts); exclusive with `steps`."
-        },
+    grad_checkpointing: bool = option(
+        False, "Recompute the student's layer activations in backward (less memory, ~30% more compute)."
     )
-    batch_size: str = field(
-        default="8", metadata={"help": 'Micro-batch per rank: sequences ("8") or a padded-token budget ("4096tok").'}
+    compile: bool = option(False, "torch.compile the student.")
+    fsdp: bool = option(False, "Shard the student with FSDP2 (`fully_shard`) instead of DDP; CUDA only.")
+    kd_chunk_size: int = option(512, "Positions whose full-vocabulary logits are materialised at once in the loss.")
+    shuffle_units: int = option(
+        8,
+        "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory.",
     )
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    lr: float | None = field(
-        default=None,
-        metadata={
-            "help": "Peak learning rate; default 1e-3 for a student initialised from scratch, 5e-5 for pretrained weights."
-        },
+    eval_fraction: float = option(
+        0.05, "Share of sequence ids held out (by a hash of the id) for evaluation; never trained on."
     )
-    warmup: float = field(
-        default=0.05, metadata={"help": "Warmup: a number of steps (>= 1) or a fraction of the steps (< 1)."}
+    eval_every: int = option(0, "Evaluate on the held-out split every N steps (0: only at the end).")
+    eval_max_sequences: int = option(256, "At most this many held-out sequences per evaluation (0: all).")
+    save_every: int = option(200, "Write a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = option(2, "How many step-N checkpoints to keep (the oldest are deleted).")
+    num_workers: int = option(1, "DataLoader worker processes per rank (0: load in the training process).")
+    log_every: int = option(1, "Write a metrics.jsonl line (and refresh the progress bar) every N steps.")
+    resume: bool = option(
+        False, "Continue the run in `output` from its latest checkpoint, with exactly the batches it would have seen."
     )
-    schedule: str = field(
-        default="cosine", metadata={"help": "Learning-rate decay after warmup: cosine, linear or constant."}
-    )
-    weight_decay: float = field(
-        default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping threshold (L2 norm); 0 disables it."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seeds the data order (with the epoch) and the student's initialisation."}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16. Weights stay float32."
-        },
-    )
-    grad_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute the student's layer activations in backward (less memory, ~30% more compute)."},
-    )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the student."})
-    fsdp: bool = field(
-        default=False, metadata={"help": "Shard the student with FSDP2 (`fully_shard`) instead of DDP; CUDA only."}
-    )
-    kd_chunk_size: int = field(
-        default=512, metadata={"help": "Positions whose full-vocabulary logits are materialised at once in the loss."}
-    )
-    shuffle_units: int = field(
-        default=8,
-        metadata={
-            "help": "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.05,
-        metadata={"help": "Share of sequence ids held out (by a hash of the id) for evaluation; never trained on."},
-    )
-    eval_every: int = field(
-        default=0, metadata={"help": "Evaluate on the held-out split every N steps (0: only at the end)."}
-    )
-    eval_max_sequences: int = field(
-        default=256, metadata={"help": "At most this many held-out sequences per evaluation (0: all)."}
-    )
-    save_every: int = field(
-        default=200, metadata={"help": "Write a resumable checkpoint every N steps (0: only at the end)."}
-    )
-    keep_checkpoints: int = field(
-        default=2, metadata={"help": "How many step-N checkpoints to keep (the oldest are deleted)."}
-    )
-    num_workers: int = field(
-        default=1, metadata={"help": "DataLoader worker processes per rank (0: load in the training process)."}
-    )
-    log_every: int = field(
-        default=1, metadata={"help": "Write a metrics.jsonl line (and refresh the progress bar) every N steps."}
-    )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Continue the run in `output` from its latest checkpoint, with exactly the batches it would have seen."
-        },
-    )
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar (rank 0 only)."})
+    progress: bool = option(True, "Show a progress bar (rank 0 only).")
     batch_unit: str = field(default="sequences", init=False)
     """Derived from `batch_size`: "sequences" or "tokens"."""
     batch_count: int = field(default=8, init=False)
