@@ -15,41 +15,31 @@ def replica_prefix(replica: int) -> str:
     return f"r{replica:03d}"
 
 
+class _Under:
+    """A path of the layout: `root / name` (a read-only attribute of CacheLayout)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layout: CacheLayout, owner: type | None = None) -> Path:
+        return layout.root / self.name
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """The paths of one local cache directory `root`."""
 
     root: Path
 
+    capture = _Under(CAPTURE_NAME)  # capture.json: the cache's identity, written first
+    manifest = _Under(MANIFEST_NAME)  # manifest.json: written last; its presence means the cache is finished
+    shards_dir = _Under(SHARDS_DIR)
+    replicas_dir = _Under(REPLICAS_DIR)  # one summary per finished replica
+    tokenizer_dir = _Under(TOKENIZER_DIR)  # the teacher's tokenizer (save_pretrained): the cache is self-contained
+    logs_dir = _Under(LOGS_DIR)  # the capture's JSONL throughput logs
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def capture(self) -> Path:
-        """capture.json: the cache's identity, written first."""
-        return self.root / CAPTURE_NAME
-
-    @property
-    def manifest(self) -> Path:
-        """manifest.json: written last; its presence means the cache is finished."""
-        return self.root / MANIFEST_NAME
-
-    @property
-    def shards_dir(self) -> Path:
-        return self.root / SHARDS_DIR
-
-    @property
-    def replicas_dir(self) -> Path:
-        return self.root / REPLICAS_DIR
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        """The cache's own copy of the teacher's tokenizer (save_pretrained), so the cache is self-contained."""
-        return self.root / TOKENIZER_DIR
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.root / LOGS_DIR
 
     def replica_summary(self, replica: int, num_replicas: int) -> Path:
         """The file whose presence says replica `replica` of `num_replicas` finished."""
