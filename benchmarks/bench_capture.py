@@ -1,15 +1,18 @@
-"""Capture throughput of the vLLM backend vs the same engine's plain prompt processing (no log-probs).
+"""Capture throughput of the vLLM backend per target mode vs the same engine's plain prompt processing.
 
 Measured side by side on one engine and the same prompts:
   1. a >= 100M-parameter Llama with an 8k vocabulary (random weights): capture tokens/s as a ratio to plain
-     prompt processing, at k = 8, 64, 128;
-  2. a tiny Llama (same vocabulary, negligible forward): overhead per token at k = 128, i.e.
-     (capture wall time - plain wall time) / tokens, split into vLLM's part and our numpy decode.
-Capture path measured: VLLMBackend.capture, i.e. `prompt_logprobs=k+1, flat_logprobs=True, detokenize=False` with the
-in-engine tail column (vllm_tail.py: the complement log-sum-exp in each worker) + VLLMBackend.decode, against vLLM's
-plain prompt processing.
+     prompt processing;
+  2. a tiny Llama (same vocabulary, negligible forward): overhead per token, i.e.
+     (capture wall time - plain wall time) / tokens, and the part of it that is our decode in the frontend.
+Paths (rows), all at k = 128 (M = 16 / 48 for the sampled rows):
+  flat          the portable fallback: vLLM's own top-k prompt log-probs (`prompt_logprobs=k, flat_logprobs=True,
+                detokenize=False`), vLLM's Python lists decoded with numpy, tail = 1 - sum(head).
+  engine-<mode> in-engine targets (vllm_targets.py: pipeline.targets.targets_from_logprobs in the worker, entries +
+                exact tail column), through the raw frontend passthrough (vllm_raw.py), or `/flat` through vLLM's
+                lists; decode = numpy reshape + compact_entries.
 
-    python benchmarks/bench_capture.py [--quick] [--json out.json]
+    python benchmarks/bench_capture.py [--quick] [--models big,tiny] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, out_dir
+
+from logitcache.storage import TargetSpec
 
 VOCAB = 8192
 
@@ -90,110 +98,196 @@ def timed(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
-def run_model(model: Path, windows: list[Any], ks: list[int], reps: int) -> dict[str, Any]:
-    """Plain prompt processing vs each capture path at each k, all on one engine and the same prompts."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+@dataclass(frozen=True)
+class Row:
+    """One capture path: how the engine is asked (in-engine or vLLM's own top-k), the transport, the targets."""
 
+    name: str
+    in_engine: bool
+    transport: str  # "flat" or "raw"
+    targets: TargetSpec
+
+
+def rows_for(k: int, quick: bool) -> list[Row]:
+    """The measured paths at top-k width k: the flat baseline and each in-engine mode."""
+    topk = TargetSpec(mode="topk", top_k=k)
+    rows = [
+        Row("flat", False, "flat", topk),
+        Row("engine-topk", True, "raw", topk),
+        Row("engine-adaptive p=0.99", True, "raw", TargetSpec(mode="adaptive", top_k=k, top_p=0.99)),
+        Row("engine-sampled r=4 N=12", True, "raw", TargetSpec(mode="sampled", exact_top=4, samples=min(12, k - 4))),
+    ]
+    if not quick:
+        rows += [
+            Row("engine-topk/flat", True, "flat", topk),
+            Row("engine-sampled r=0 N=48", True, "raw", TargetSpec(mode="sampled", exact_top=0, samples=48)),
+        ]
+    return rows
+
+
+@contextmanager
+def configured(engine: Any, row: Row) -> Iterator[None]:
+    """Point the engine at one row's path (in-engine or not, transport) for the duration of the block."""
+    from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL, HEAD_SUM_TAIL
+
+    saved = engine.tail_method, engine.logprobs_path
+    engine.tail_method = ENGINE_TAIL if row.in_engine else HEAD_SUM_TAIL
+    engine.logprobs_path = row.transport
+    try:
+        yield
+    finally:
+        engine.tail_method, engine.logprobs_path = saved
+
+
+def start_engine(model: Path, windows: list[Any], k: int) -> Any:
+    """One engine for every row: in-engine targets up to k entries, the raw passthrough installed."""
     from logitcache.pipeline.backends.vllm_backend import VLLMBackend
+    from logitcache.pipeline.backends.vllm_tail import ENGINE_TAIL
 
     length = max(len(w.input_ids) for w in windows)
     # "raw" installs the passthrough patch; it only acts on requests that ask for it, so "flat" runs unchanged.
-    engine = VLLMBackend(str(model), dtype="float32", top_k=max(ks), max_model_len=length + 1, logprobs_path="raw")
+    engine = VLLMBackend(
+        str(model), dtype="float32", targets=TargetSpec(top_k=k), max_model_len=length + 1, logprobs_path="raw"
+    )
     assert engine.logprobs_path == "raw", "the raw path is not available on this vLLM version"
-    tokens = sum(len(w.input_ids) for w in windows)
+    assert engine.tail_method == ENGINE_TAIL, "the in-engine targets are not available on this vLLM version"
+    return engine
+
+
+def time_plain(engine: Any, windows: list[Any], reps: int) -> float:
+    """Median seconds of the engine's plain prompt processing (no log-probs) of the windows."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     token_prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
     plain_params = SamplingParams(max_tokens=1, detokenize=False)
+    return timed(lambda: engine.llm.generate(token_prompts, plain_params, use_tqdm=False), reps)
+
+
+def time_row(engine: Any, windows: list[Any], row: Row, plain: float, reps: int) -> dict[str, float]:
+    """One path: capture wall time, its ratio to plain, overhead per token, and our frontend decode's share."""
+    from vllm.inputs import TokensPrompt
+
+    tokens = sum(len(w.input_ids) for w in windows)
+    with configured(engine, row):
+        capture = timed(lambda: engine.capture(windows, targets=row.targets), reps)
+        prompts = [TokensPrompt(prompt_token_ids=w.input_ids.tolist()) for w in windows]
+        params = [engine._params(row.targets, w.sequence_id) for w in windows]
+        outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+        t0 = time.perf_counter()
+        for w, o in zip(windows, outputs):
+            engine.decode(o, w, row.targets)
+        decode = time.perf_counter() - t0
+    return {
+        "capture_seconds": capture,
+        "capture_tokens_per_second": tokens / capture,
+        "ratio_to_plain": plain / capture,
+        "overhead_us_per_token": 1e6 * (capture - plain) / tokens,
+        "decode_us_per_token": 1e6 * decode / tokens,
+    }
+
+
+def run_model(model: Path, windows: list[Any], k: int, reps: int, quick: bool) -> dict[str, Any]:
+    """Plain prompt processing vs each path, all on one engine and the same prompts."""
+    engine = start_engine(model, windows, k)
     try:
-        plain = timed(lambda: engine.llm.generate(token_prompts, plain_params, use_tqdm=False), reps)
+        plain = time_plain(engine, windows, reps)
+        tokens = sum(len(w.input_ids) for w in windows)
         out: dict[str, Any] = {"tokens": tokens, "plain_seconds": plain, "plain_tokens_per_second": tokens / plain}
-        for path in ("flat", "raw"):
-            engine.logprobs_path = path
-            engine.params = engine._params(engine.top_k)
-            for k in ks:
-                capture = timed(lambda k=k: engine.capture(windows, top_k=k), reps)
-                # Our share of the capture: decoding vLLM's output with numpy, and the tail mass.
-                outputs = engine.llm.generate(token_prompts, engine._params(k), use_tqdm=False)
-                t0 = time.perf_counter()
-                for w, o in zip(windows, outputs):
-                    engine.decode(o, w, k)
-                decode = time.perf_counter() - t0
-                out[f"{path}:k{k}"] = {
-                    "capture_seconds": capture,
-                    "capture_tokens_per_second": tokens / capture,
-                    "ratio_to_plain": plain / capture,
-                    "overhead_us_per_token": 1e6 * (capture - plain) / tokens,
-                    "decode_us_per_token": 1e6 * decode / tokens,
-                }
+        for row in rows_for(k, quick):
+            out[f"{row.name}:k{k}"] = time_row(engine, windows, row, plain, reps)
         return out
     finally:
         engine.close()
 
 
-def engine_floor_us_per_token(vocab: int, k: int, positions: int = 4096) -> float:
-    """The work any capture path does per position on this CPU: log-softmax, top-k, target gather, rank count.
+def engine_floors_us_per_token(vocab: int, k: int, positions: int = 4096) -> dict[str, float]:
+    """The engine-side work per position of each path on this CPU, timed with torch alone (float32 [positions, V]).
 
-    These are the ops vLLM's sampler runs for prompt log-probs (float32, [positions, vocab] logits), timed with
-    torch alone, so the part of the measured overhead that no transfer path can remove is visible.
+    "flat": what vLLM's sampler runs for its own prompt log-probs (log-softmax, top-k, target gather, rank count);
+    each in-engine row: log-softmax, target gather and `targets_from_logprobs` (vllm_targets._gather_targets' work).
+    The part of the measured overhead that no transfer path can remove.
     """
     import torch
+
+    from logitcache.pipeline.targets import targets_from_logprobs
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(positions, vocab, generator=gen)
     target = torch.randint(0, vocab, (positions, 1), generator=gen)
+    rows = torch.arange(positions)
 
-    def ops() -> None:
+    def vllm_ops() -> None:
         logp = torch.log_softmax(logits, dim=-1)
         logp.topk(k, dim=-1)
         t = logp.gather(-1, target)
         (logp > t).sum(-1)
 
-    return 1e6 * timed(ops, 3) / positions
+    def engine_ops(spec: Any) -> None:
+        logp = torch.log_softmax(logits, dim=-1)
+        logp.gather(-1, target)
+        targets_from_logprobs(logp, spec, 0, rows, inplace=True)
+
+    floors = {"flat": 1e6 * timed(vllm_ops, 3) / positions}
+    for row in rows_for(k, quick=False):
+        if row.in_engine and row.transport == "raw":
+            floors[row.name] = 1e6 * timed(lambda spec=row.targets: engine_ops(spec), 3) / positions
+    return floors
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, k=8, one rep: only checks that it runs")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-
+def measure(quick: bool, models: list[str]) -> dict[str, Any]:
+    """Every model's rows, the engine-side floors, and the machine's load before and after."""
     work = out_dir("capture")
     # The machine may be shared: record its load so the numbers can be read in context.
     results: dict[str, Any] = {"loadavg_start": os.getloadavg()[0]}
     tiny = build_random_llama(work / "tiny-llama", hidden=64, layers=2, intermediate=128, head_dim=32)
-    if args.quick:
-        results["tiny"] = run_model(tiny, prompts(4, 32, 0), [8], reps=1)
+    if quick:
+        results["tiny"] = run_model(tiny, prompts(4, 32, 0), 8, reps=1, quick=True)
     else:
-        big = build_random_llama(work / "llama-106m", hidden=768, layers=14, intermediate=2048)
-        results["big_params"] = n_params(big)
-        results["big"] = run_model(big, prompts(8, 128, 0), [8, 64, 128], reps=2)
-        results["tiny"] = run_model(tiny, prompts(64, 256, 1), [128], reps=3)
+        if "big" in models:
+            big = build_random_llama(work / "llama-106m", hidden=768, layers=14, intermediate=2048)
+            results["big_params"] = n_params(big)
+            results["big"] = run_model(big, prompts(8, 128, 0), 128, reps=2, quick=False)
+        if "tiny" in models:
+            results["tiny"] = run_model(tiny, prompts(64, 256, 1), 128, reps=3, quick=False)
         import torch
 
         # vLLM's CPU worker runs one torch thread (it says so at start-up); time the floor the same way.
         torch.set_num_threads(1)
-        results["engine_floor_us_per_token_k128"] = engine_floor_us_per_token(VOCAB, 128)
+        results["engine_floors_us_per_token"] = engine_floors_us_per_token(VOCAB, 128)
+    results["loadavg_end"] = os.getloadavg()[0]
+    return results
 
+
+def table_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """One table row per (model, path), with each in-engine path's overhead as a share of the flat path's."""
     rows = []
     for name, res in results.items():
         if not isinstance(res, dict) or "tokens" not in res:
             continue
+        flat = next(r["overhead_us_per_token"] for key, r in res.items() if key.startswith("flat:"))
         for key, r in res.items():
-            if ":k" in key:
-                path, k = key.split(":k")
-                rows.append(
-                    [
-                        name,
-                        path,
-                        k,
-                        res["tokens"],
-                        f"{res['plain_tokens_per_second']:,.0f}",
-                        f"{r['capture_tokens_per_second']:,.0f}",
-                        f"{r['ratio_to_plain']:.3f}",
-                        f"{r['overhead_us_per_token']:.1f}",
-                        f"{r['decode_us_per_token']:.2f}",
-                    ]
-                )
+            if ":k" not in key:
+                continue
+            path, k = key.split(":k")
+            rows.append(
+                [
+                    name,
+                    path,
+                    k,
+                    res["tokens"],
+                    f"{res['plain_tokens_per_second']:,.0f}",
+                    f"{r['capture_tokens_per_second']:,.0f}",
+                    f"{r['ratio_to_plain']:.3f}",
+                    f"{r['overhead_us_per_token']:.1f}",
+                    f"{r['overhead_us_per_token'] / flat:.2f}",
+                    f"{r['decode_us_per_token']:.2f}",
+                ]
+            )
+    return rows
+
+
+def report(results: dict[str, Any]) -> None:
     header = [
         "model",
         "path",
@@ -203,16 +297,27 @@ def main() -> None:
         "capture tok/s",
         "capture/plain",
         "overhead us/tok",
+        "overhead / flat's",
         "our decode us/tok",
     ]
-    print(markdown_table(header, rows))
-    if "engine_floor_us_per_token_k128" in results:
-        floor = results["engine_floor_us_per_token_k128"]
-        print(f"engine-side floor (log-softmax + top-128 + rank, V={VOCAB}, 1 thread): {floor:.1f} us/token")
+    print(markdown_table(header, table_rows(results)))
+    for path, floor in results.get("engine_floors_us_per_token", {}).items():
+        print(f"engine-side floor of {path} (torch alone, V={VOCAB}, 1 thread): {floor:.1f} us/token")
     if "big_params" in results:
         print(f"\nbig model: {results['big_params'] / 1e6:.1f}M parameters, vocab {VOCAB}")
-    results["loadavg_end"] = os.getloadavg()[0]
     print(f"load average (1 min) at start/end: {results['loadavg_start']:.1f} / {results['loadavg_end']:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, k=8, one rep: only checks that it runs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--models", default="big,tiny", help="comma-separated, of big,tiny (tiny alone: ~5 minutes on 2 cores)"
+    )
+    args = parser.parse_args()
+    results = measure(args.quick, args.models.split(","))
+    report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
