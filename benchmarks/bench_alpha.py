@@ -38,7 +38,7 @@ def run_one(work: Path, out: Path, alpha: float, seed: int, steps: int, **extra:
     """Trains one student and evaluates it on the held-out cache; returns the eval metrics and step times."""
     import torch
 
-    from logitcache.train.config import TrainConfig
+    from logitcache.train.config import EvalSettings, TrainConfig
     from logitcache.train.evaluate import evaluate
     from logitcache.train.loop import train
     from logitcache.train.student import DistillModel
@@ -62,7 +62,7 @@ def run_one(work: Path, out: Path, alpha: float, seed: int, steps: int, **extra:
 
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     vocab = json.loads((out / "config.json").read_text())["resolved"]["vocab_size"]
-    result = evaluate(DistillModel(model, vocab), str(work / "cache-heldout"), eval_fraction=1.0)
+    result = evaluate(DistillModel(model, vocab), str(work / "cache-heldout"), EvalSettings(eval_fraction=1.0))
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_seconds"] for r in rows if "step_seconds" in r][5:]  # skip the warm-up steps
     return {**result, "alpha": alpha, "seed": seed, "step_seconds": statistics.median(times)}

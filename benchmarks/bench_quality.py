@@ -155,7 +155,7 @@ def run_row(
     import torch
 
     from logitcache.storage import CacheReader
-    from logitcache.train.config import TrainConfig
+    from logitcache.train.config import EvalSettings, TrainConfig
     from logitcache.train.evaluate import evaluate
     from logitcache.train.loop import train
     from logitcache.train.student import DistillModel, build_student
@@ -190,7 +190,7 @@ def run_row(
     reader = CacheReader(heldout)
     student = build_student(str(run_dir / "final"), reader, None, seed)
     dm = DistillModel(student.model, student.vocab_size)
-    metrics = evaluate(dm, str(heldout), eval_fraction=1.0)
+    metrics = evaluate(dm, str(heldout), EvalSettings(eval_fraction=1.0))
     bucketed = {"bucketed_kl": metrics["kl"], "teacher_ce": metrics["teacher_ce"]}
     return {
         "row": name,

@@ -15,13 +15,25 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-__all__ = ["ConfigFileError", "option", "config_options", "option_fields", "load_config_file", "flag_name"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "ConfigFileError",
+    "option",
+    "config_options",
+    "option_fields",
+    "settings_from",
+    "load_config_file",
+    "flag_name",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound="DataclassInstance")
 
 
 class ConfigFileError(ValueError):
@@ -37,6 +49,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
     """A config field and its CLI help: `top_k: int = option(64, "Tokens stored per position.")`; a required one is
     `option(help=...)`, a mutable default `option(default_factory=dict, help=...)`."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def settings_from(cls: type[S], config: object, **given: Any) -> S:
+    """A group of settings (a dataclass such as KDSettings) built once from a config: every field not `given` takes
+    the config's attribute of the same name, so the group is passed whole instead of its values one by one."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in given]
+    return cls(**{name: getattr(config, name) for name in names}, **given)
 
 
 def option_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Field[Any]]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from logitcache.train.config import ConfigError, KDSettings, TrainConfig
+from logitcache.train.config import ConfigError, EvalSettings, KDSettings, TrainConfig
 
 __all__ = [
     "ConfigError",
     "KDSettings",
+    "EvalSettings",
     "TrainConfig",
     "train",
     "evaluate",

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from logitcache.storage.options import ConfigFileError, config_options, load_config_file
-from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, KDSettings, TrainConfig
+from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, EvalSettings, KDSettings, TrainConfig
 
 __all__ = ["train_student", "eval_cmd"]
 
@@ -131,7 +131,7 @@ def eval_cmd(
         built = build_student(model_dir, reader, tokenizer or run.get("tokenizer"))
         dm = DistillModel(built.model, built.vocab_size, KDSettings(chunk_size=int(run.get("kd_chunk_size", 512))))
         result = evaluate(
-            dm, cache, eval_fraction=fraction, batch_count=count, batch_unit=unit, max_sequences=max_sequences
+            dm, cache, EvalSettings(fraction, batch_count=count, batch_unit=unit, max_sequences=max_sequences)
         )
     except (StudentError, CacheFormatError, ValueError) as e:
         raise click.ClickException(str(e)) from None

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from logitcache.storage.options import option
+from logitcache.storage.options import option, settings_from
 from logitcache.storage.targets import TARGET_MODES
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "TrainConfig",
     "KDSettings",
     "DEFAULT_KD",
+    "EvalSettings",
     "ConfigError",
     "parse_batch_size",
 ]
@@ -87,6 +88,17 @@ class KDSettings:
 
 
 DEFAULT_KD = KDSettings()  # the defaults; frozen, so safe to share as a default argument
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which held-out sequences an evaluation reads and how it batches them: built once
+    (`TrainConfig.eval_settings()`) and passed to `evaluate`."""
+
+    eval_fraction: float  # share of sequence ids held out (chosen by hash, never trained on)
+    batch_count: int = 8  # sequences or tokens per batch (`batch_unit`)
+    batch_unit: str = "sequences"
+    max_sequences: int = 0  # at most this many held-out sequences (0: all)
 
 
 def parse_batch_size(value: str | int) -> tuple[int, str]:
@@ -280,15 +292,11 @@ class TrainConfig:
 
     def kd_settings(self, target_mode: str = "topk") -> KDSettings:
         """The loss settings of this run on a cache of `target_mode` (its TargetSpec.mode)."""
-        return KDSettings(
-            loss=self.loss,
-            beta=self.beta,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            no_tail=self.no_tail,
-            chunk_size=self.kd_chunk_size,
-            target_mode=target_mode,
-        )
+        return settings_from(KDSettings, self, chunk_size=self.kd_chunk_size, target_mode=target_mode)
+
+    def eval_settings(self) -> EvalSettings:
+        """The held-out evaluation of this run (`--eval-fraction`, `--eval-max-sequences`, the batch size)."""
+        return settings_from(EvalSettings, self, max_sequences=self.eval_max_sequences)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

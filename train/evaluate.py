@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from logitcache.train.config import EvalSettings
 from logitcache.train.data import CacheStream
 from logitcache.train.distributed import DistEnv, all_reduce_sum
 from logitcache.train.student import EvalSums
@@ -35,15 +36,12 @@ EVAL_FIELDS = {
 def evaluate(
     model: nn.Module,
     cache: str,
+    settings: EvalSettings,
     *,
-    eval_fraction: float,
-    batch_count: int = 8,
-    batch_unit: str = "sequences",
-    max_sequences: int = 0,
     autocast: torch.dtype | None = None,
     env: DistEnv | None = None,
 ) -> dict[str, Any]:
-    """Metrics over the held-out split (sequence ids chosen by hash with `eval_fraction`, never trained on).
+    """Metrics over the held-out split (sequence ids chosen by hash with `settings.eval_fraction`, never trained on).
 
     model: a DistillModel (possibly DDP/FSDP-wrapped) whose forward(batch, evaluate=True) returns its EvalSums.
     Batches are dealt to ranks round-robin and the sums all-reduced, so every rank returns the same figures. Every
@@ -55,13 +53,13 @@ def evaluate(
     stream = CacheStream(
         cache,
         seed=0,
-        batch_count=batch_count,
-        batch_unit=batch_unit,
-        eval_fraction=eval_fraction,
+        batch_count=settings.batch_count,
+        batch_unit=settings.batch_unit,
+        eval_fraction=settings.eval_fraction,
         split="eval",
         rank=rank,
         world_size=world,
-        max_sequences=max_sequences,
+        max_sequences=settings.max_sequences,
     )
     was_training = model.training
     model.eval()
@@ -76,7 +74,7 @@ def evaluate(
     ce, kl, agree, n, teacher = all_reduce_sum(torch.stack(list(sums))).tolist()  # EvalSums' field order
     if n == 0:
         raise ValueError(
-            f"{cache}: no held-out positions to evaluate (--eval-fraction {eval_fraction}); raise --eval-fraction"
+            f"{cache}: no held-out positions to evaluate (--eval-fraction {settings.eval_fraction}); raise --eval-fraction"
         )
     return {
         "ce": ce / n,

@@ -461,17 +461,7 @@ def _log(run: _Run, record: dict[str, Any]) -> None:
 
 
 def _evaluate(run: _Run, step: int) -> None:
-    cfg = run.cfg
-    result = evaluate(
-        run.model,
-        cfg.cache,
-        eval_fraction=cfg.eval_fraction,
-        batch_count=cfg.batch_count,
-        batch_unit=cfg.batch_unit,
-        max_sequences=cfg.eval_max_sequences,
-        autocast=run.amp,
-        env=run.env,
-    )
+    result = evaluate(run.model, run.cfg.cache, run.cfg.eval_settings(), autocast=run.amp, env=run.env)
     run.metrics.write({"step": step, "eval": result})
     if run.env.is_main:
         _plot(run.run_dir)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitcache.train.cli import _resolve
-from logitcache.train.config import TARGET_MODES, ConfigError, TrainConfig, parse_batch_size
+from logitcache.train.config import TARGET_MODES, ConfigError, EvalSettings, TrainConfig, parse_batch_size
 
 BASE = {"cache": "c", "student": "tiny-llama", "output": "o"}
 
@@ -88,3 +88,10 @@ def test_a_sampled_cache_refuses_temperature_top_k_used_and_no_tail_all_at_once(
     assert "exceeds the cache's top_k 3" in TrainConfig(**BASE, top_k_used=4).cache_problems("topk", 3, "c")[0]
     kd = TrainConfig(**BASE, alpha=0.5).kd_settings("sampled")
     assert (kd.target_mode, kd.sampled, kd.alpha) == ("sampled", True, 0.5)
+
+
+def test_grouped_settings_are_built_from_the_options() -> None:
+    cfg = TrainConfig(**BASE, loss="jsd", beta=0.3, kd_chunk_size=64, batch_size="512tok", eval_max_sequences=5)
+    kd = cfg.kd_settings("adaptive")
+    assert (kd.loss, kd.beta, kd.chunk_size, kd.target_mode) == ("jsd", 0.3, 64, "adaptive")
+    assert cfg.eval_settings() == EvalSettings(cfg.eval_fraction, batch_count=512, batch_unit="tokens", max_sequences=5)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from logitcache.storage import CacheReader
+from logitcache.train.config import EvalSettings
 from logitcache.train.data import CacheStream
 from logitcache.train.evaluate import evaluate
 from logitcache.train.student import DistillModel, build_student
@@ -43,7 +44,7 @@ def _rank_main(rank: int, world: int, cache: str, store: str, out: str) -> None:
         forwards = [0]
         dm.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
         env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-        result["metrics"] = evaluate(DDP(dm), cache, env=env, **EVAL_KWARGS)
+        result["metrics"] = evaluate(DDP(dm), cache, EvalSettings(**EVAL_KWARGS), env=env)
         result["forwards"] = forwards[0]
         dist.destroy_process_group()
     except BaseException:
@@ -88,7 +89,7 @@ def test_every_rank_runs_the_same_forwards_and_returns_the_single_process_figure
     stream = CacheStream(cache, seed=0, split="eval", **EVAL_KWARGS)
     num_batches = sum(1 for _ in stream)
     assert num_batches % 2 == 1 and num_batches % 3 != 0, f"{num_batches} held-out batches: change EVAL_KWARGS"
-    single = evaluate(_model(cache), cache, **EVAL_KWARGS)
+    single = evaluate(_model(cache), cache, EvalSettings(**EVAL_KWARGS))
     for world in (2, 3):
         results = _run_ranks(cache, world, tmp_path)
         forwards = [res["forwards"] for res in results]

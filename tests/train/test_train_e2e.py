@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from logitcache.storage import CacheReader
-from logitcache.train.config import TrainConfig
+from logitcache.train.config import EvalSettings, TrainConfig
 from logitcache.train.evaluate import evaluate
 from logitcache.train.loop import train
 from logitcache.train.student import DistillModel, build_student
@@ -34,7 +34,7 @@ def _cli(*args: str) -> list[str]:
 def test_kd_lowers_kl_and_ends_closer_to_the_teacher_than_ce_only(tiny_cache_dir: Path, tmp_path: Path) -> None:
     reader = CacheReader(tiny_cache_dir)
     fresh = build_student("tiny-llama", reader, seed=0)
-    before = evaluate(DistillModel(fresh.model, fresh.vocab_size), str(tiny_cache_dir), eval_fraction=EVAL_FRACTION)
+    before = evaluate(DistillModel(fresh.model, fresh.vocab_size), str(tiny_cache_dir), EvalSettings(EVAL_FRACTION))
     common = {
         "cache": str(tiny_cache_dir),
         "student": "tiny-llama",
