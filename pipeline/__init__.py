@@ -15,6 +15,7 @@ _EXPORTS = {
     "BadRowError": "data",
     "DataSummary": "data",
     "TokenWindow": "data",
+    "WindowSettings": "data",
     "iter_windows": "data",
     "load_rows": "data",
     "render_chat": "data",

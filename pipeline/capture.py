@@ -161,31 +161,28 @@ def _tail_method(cfg: CaptureConfig, backend: TeacherBackend | None) -> str:
 
 def open_backend(cfg: CaptureConfig, teacher: TeacherInfo, max_seq_len: int) -> TeacherBackend:
     """Start the engine named by --backend."""
+    # the settings both engines take (the rest are engine-specific)
+    common: dict[str, Any] = {
+        "dtype": teacher.dtype,
+        "targets": cfg.target_spec,
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
     if cfg.backend == "hf":
         from logitcache.pipeline.backends.hf import HFBackend
 
-        return HFBackend(
-            teacher.path,
-            dtype=teacher.dtype,
-            targets=cfg.target_spec,
-            logits_chunk_size=cfg.logits_chunk_size,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        return HFBackend(teacher.path, logits_chunk_size=cfg.logits_chunk_size, **common)
     from logitcache.pipeline.backends.vllm_backend import VLLMBackend
 
     return VLLMBackend(
         teacher.path,
-        dtype=teacher.dtype,
-        targets=cfg.target_spec,
         max_model_len=max_seq_len + 1,
         tensor_parallel_size=cfg.tensor_parallel_size,
         pipeline_parallel_size=cfg.pipeline_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
         engine_args=cfg.engine_args,
         logprobs_path=cfg.vllm_logprobs_path,
+        **common,
     )
 
 
@@ -398,18 +395,7 @@ def _capture_replica(
     if done:
         logger.info("resuming replica %d: %d sequences already stored", cfg.replica, len(done))
     summary = DataSummary()
-    windows = iter_windows(
-        cache.data.rows,
-        cache.teacher.tokenizer,
-        text_field=cfg.text_field,
-        messages_field=cfg.messages_field,
-        max_seq_len=cache.max_seq_len,
-        overflow=cfg.overflow,
-        replica=cfg.replica,
-        num_replicas=cfg.num_replicas,
-        strict=cfg.strict,
-        summary=summary,
-    )
+    windows = iter_windows(cache.data.rows, cache.teacher.tokenizer, cfg.window_settings(cache.max_seq_len), summary)
     rows_total = len(range(cfg.replica, len(cache.data.rows), cfg.num_replicas))
     engine = _LazyEngine(cfg, cache, backend)
     layout.logs_dir.mkdir(exist_ok=True)

@@ -6,7 +6,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from logitcache.storage.options import flag_name, load_config_file, option
+from logitcache.pipeline.data import WindowSettings
+from logitcache.storage.options import flag_name, load_config_file, option, settings_from
 from logitcache.storage.targets import TARGET_MODES, TargetSpec
 
 BACKENDS = ("vllm", "hf")
@@ -175,6 +176,10 @@ class CaptureConfig:
     def target_spec(self) -> TargetSpec:
         """What each position stores (the header's `capture.targets`)."""
         return TargetSpec(mode=self.targets, **{name: getattr(self, name) for name in _TARGET_FIELDS})
+
+    def window_settings(self, max_seq_len: int) -> WindowSettings:
+        """How this capture turns rows into windows, with the resolved `max_seq_len` (see resolve_max_seq_len)."""
+        return settings_from(WindowSettings, self, max_seq_len=max_seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (what the cache header stores under "config")."""

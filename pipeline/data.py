@@ -211,31 +211,36 @@ def window_bounds(num_tokens: int, max_seq_len: int, overflow: str) -> list[tupl
     return [(s, min(s + max_seq_len, num_tokens)) for s in range(0, num_tokens - 1, stride)]
 
 
+@dataclass(frozen=True)
+class WindowSettings:
+    """How dataset rows become teacher windows: built once from the capture config
+    (`CaptureConfig.window_settings`) and passed whole to `iter_windows`."""
+
+    max_seq_len: int  # tokens per window
+    text_field: str = "text"  # the column of plain text, read when messages_field is None
+    messages_field: str | None = None  # the column of chat messages (assistant-only loss mask)
+    overflow: str = "split"  # longer rows: windows overlapping by one token ("split") or the head ("truncate")
+    replica: int = 0  # this replica takes the rows with row_index % num_replicas == replica
+    num_replicas: int = 1
+    strict: bool = False  # the first bad row raises BadRowError instead of being counted as skipped
+
+
 def iter_windows(
-    rows: Any,
-    tokenizer: Any,
-    *,
-    text_field: str = "text",
-    messages_field: str | None = None,
-    max_seq_len: int,
-    overflow: str = "split",
-    replica: int = 0,
-    num_replicas: int = 1,
-    strict: bool = False,
-    summary: DataSummary | None = None,
+    rows: Any, tokenizer: Any, settings: WindowSettings, summary: DataSummary | None = None
 ) -> Iterator[TokenWindow]:
     """Yield this replica's windows (rows with row_index % num_replicas == replica), counting skips in `summary`.
 
-    With `strict`, the first bad row raises BadRowError naming its index and the reason. Windows without a loss
+    With `settings.strict`, the first bad row raises BadRowError naming its index and the reason. Windows without a loss
     position are dropped and counted in `summary.skipped_windows`, under --strict too (a long prompt's first windows
     are normal); a row none of whose windows has one is a bad row (`no_loss_positions`).
     """
-    column = messages_field or text_field
+    max_seq_len, overflow, messages_field = settings.max_seq_len, settings.overflow, settings.messages_field
+    column = messages_field or settings.text_field
     if column not in rows.column_names:
         flag = "--messages-field" if messages_field else "--text-field"
         raise ValueError(f"the dataset has no column {column!r} ({flag}); its columns are {rows.column_names}")
     summary = summary if summary is not None else DataSummary()
-    indices = range(replica, len(rows), num_replicas)
+    indices = range(settings.replica, len(rows), settings.num_replicas)
     # Reading one column in slices keeps memory bounded and skips decoding the other columns.
     for base in range(0, len(indices), 1024):
         chunk = indices[base : base + 1024]
@@ -246,7 +251,7 @@ def iter_windows(
                 ids, mask = _tokenize_row(value, tokenizer, chat=messages_field is not None)
                 windows = _row_windows(row_index, ids, mask, max_seq_len, overflow, summary)
             except BadRowError as e:
-                if strict:
+                if settings.strict:
                     detail = f"; {e.detail}" if e.detail else ""
                     raise BadRowError(
                         e.reason,

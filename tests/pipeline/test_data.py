@@ -15,6 +15,7 @@ import pytest
 from logitcache.pipeline.data import (
     BadRowError,
     DataSummary,
+    WindowSettings,
     iter_windows,
     load_rows,
     render_chat,
@@ -49,13 +50,13 @@ def test_windows_ids_and_content(tokenizer: Any, tmp_path: Path) -> None:
     ds = load_rows(str(_jsonl(tmp_path / "d.jsonl", [{"text": "x = 1\ny = 2\n"}, {"text": text}])))
     full = np.asarray(tokenizer(text)["input_ids"])
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, tokenizer, max_seq_len=16, summary=summary))
+    windows = list(iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=16), summary))
     row1 = [w for w in windows if w.row_index == 1]
     assert [w.sequence_id for w in row1] == [(1 << 16) | i for i in range(len(row1))]
     assert np.array_equal(np.concatenate([row1[0].input_ids] + [w.input_ids[1:] for w in row1[1:]]), full)
     assert all(w.loss_mask.all() and w.input_ids.dtype == np.int32 for w in windows)
     assert summary.split_rows == 1 and summary.rows == 2 and summary.sequences == len(windows)
-    truncated = list(iter_windows(ds.rows, tokenizer, max_seq_len=16, overflow="truncate"))
+    truncated = list(iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=16, overflow="truncate")))
     assert len(truncated) == 2 and np.array_equal(truncated[1].input_ids, full[:16])
 
 
@@ -92,21 +93,21 @@ def test_skip_reasons_counted_and_strict_names_row(tokenizer: Any, tmp_path: Pat
     rows = [{"text": "ok = 1\n"}, {"text": ""}, {"other": "x"}, {"text": 5}, {"text": "   \n"}, {"text": "a"}]
     ds = load_rows(str(_jsonl(tmp_path / "d.jsonl", rows)))
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, tokenizer, max_seq_len=64, summary=summary))
+    windows = list(iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=64), summary))
     assert [w.row_index for w in windows] == [0]
     assert dict(summary.skipped) == {"empty": 2, "missing_field": 1, "not_string": 1, "too_short": 1}
     assert summary.rows == len(rows)  # nothing vanishes: every row is a window or a counted skip
     with pytest.raises(BadRowError, match=r"^dataset row 1: empty \(field 'text'\)"):
-        list(iter_windows(ds.rows, tokenizer, max_seq_len=64, strict=True))
+        list(iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=64, strict=True)))
     with pytest.raises(ValueError, match=r"no column 'body' \(--text-field\)"):
-        list(iter_windows(ds.rows, tokenizer, max_seq_len=64, text_field="body"))
+        list(iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=64, text_field="body")))
 
 
 def test_undecodable_bytes_and_bad_messages(tokenizer: Any, tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"text": pa.array([b"x = 1\n", b"\xff\xfe bad", b"y = 2\n"], pa.binary())}), path)
     summary = DataSummary()
-    windows = list(iter_windows(load_rows(str(path)).rows, tokenizer, max_seq_len=64, summary=summary))
+    windows = list(iter_windows(load_rows(str(path)).rows, tokenizer, WindowSettings(max_seq_len=64), summary))
     assert [w.row_index for w in windows] == [0, 2] and dict(summary.skipped) == {"undecodable": 1}
 
     chats = [
@@ -117,7 +118,7 @@ def test_undecodable_bytes_and_bad_messages(tokenizer: Any, tmp_path: Path) -> N
     ]
     ds = load_rows(str(_jsonl(tmp_path / "c.jsonl", chats)))
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, tokenizer, messages_field="messages", max_seq_len=64, summary=summary))
+    windows = list(iter_windows(ds.rows, tokenizer, WindowSettings(messages_field="messages", max_seq_len=64), summary))
     assert [w.row_index for w in windows] == [0]
     assert dict(summary.skipped) == {"empty": 1, "no_assistant_turn": 1, "not_messages": 1}
 
@@ -125,7 +126,10 @@ def test_undecodable_bytes_and_bad_messages(tokenizer: Any, tmp_path: Path) -> N
 def test_replicas_take_disjoint_slices(tokenizer: Any, tmp_path: Path) -> None:
     ds = load_rows(str(_jsonl(tmp_path / "d.jsonl", [{"text": f"x = {i}\n"} for i in range(10)])), limit=7)
     seen = [
-        sorted(w.row_index for w in iter_windows(ds.rows, tokenizer, max_seq_len=64, replica=r, num_replicas=3))
+        sorted(
+            w.row_index
+            for w in iter_windows(ds.rows, tokenizer, WindowSettings(max_seq_len=64, replica=r, num_replicas=3))
+        )
         for r in range(3)
     ]
     assert seen == [[0, 3, 6], [1, 4], [2, 5]]
@@ -155,7 +159,7 @@ def test_windows_without_loss_positions_are_skipped_and_counted(tokenizer: Any, 
 
     summary = DataSummary()
     kwargs: dict[str, Any] = {"messages_field": "messages", "max_seq_len": 16}
-    windows = list(iter_windows(ds.rows, tokenizer, summary=summary, **kwargs))
+    windows = list(iter_windows(ds.rows, tokenizer, WindowSettings(**kwargs), summary))
     assert all(_has_loss_position(w.loss_mask) for w in windows)
     # Kept windows keep their index within the row: sequence ids stay deterministic, the gaps are the dropped ones.
     kept = [w for w in range(len(bounds)) if w not in empty]
@@ -165,17 +169,17 @@ def test_windows_without_loss_positions_are_skipped_and_counted(tokenizer: Any, 
     assert summary.sequences == len(windows) and summary.tokens == sum(len(w.input_ids) for w in windows)
     assert summary.to_dict()["skipped_windows"] == {"no_loss_positions": len(empty)}
     # A long prompt is normal: --strict keeps the row's windows that train and does not fail.
-    strict = list(iter_windows(ds.rows, tokenizer, strict=True, **kwargs))
+    strict = list(iter_windows(ds.rows, tokenizer, WindowSettings(strict=True, **kwargs)))
     assert [w.sequence_id for w in strict] == [w.sequence_id for w in windows]
 
     # Truncated to its prompt, row 0 has no window that trains: the row is skipped (and its window counted).
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, tokenizer, overflow="truncate", summary=summary, **kwargs))
+    windows = list(iter_windows(ds.rows, tokenizer, WindowSettings(overflow="truncate", **kwargs), summary))
     assert [w.row_index for w in windows] == [1]
     assert summary.skipped == {"no_loss_positions": 1} and summary.skipped_windows == {"no_loss_positions": 1}
     assert summary.rows == 2 and summary.truncated_rows == 0  # a skipped row is counted once, under its reason
     with pytest.raises(BadRowError, match=r"^dataset row 0: no_loss_positions \(field 'messages'\).*--max-seq-len"):
-        list(iter_windows(ds.rows, tokenizer, overflow="truncate", strict=True, **kwargs))
+        list(iter_windows(ds.rows, tokenizer, WindowSettings(overflow="truncate", strict=True, **kwargs)))
 
 
 def test_window_whose_only_target_is_its_first_token_is_skipped(tokenizer: Any, tmp_path: Path) -> None:
@@ -190,7 +194,9 @@ def test_window_whose_only_target_is_its_first_token_is_skipped(tokenizer: Any, 
     # Window 1 starts on the reply's last token (the one-token overlap), so its only True is at position 0: that
     # token is window 0's target, and window 1 has nothing to train.
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, tokenizer, messages_field="messages", max_seq_len=last + 1, summary=summary))
+    windows = list(
+        iter_windows(ds.rows, tokenizer, WindowSettings(messages_field="messages", max_seq_len=last + 1), summary)
+    )
     bounds = window_bounds(len(ids), last + 1, "split")
     assert bounds[1][0] == last and mask[last] and not mask[last + 1 :].any()
     assert [w.sequence_id for w in windows] == [0]
@@ -232,11 +238,11 @@ def test_template_that_rewrites_earlier_turns_skips_only_that_row(tokenizer: Any
     with pytest.raises(BadRowError, match="rewrites earlier turns"):
         render_chat(rewriting, chats[1]["messages"])
     summary = DataSummary()
-    windows = list(iter_windows(ds.rows, rewriting, messages_field="messages", max_seq_len=64, summary=summary))
+    windows = list(iter_windows(ds.rows, rewriting, WindowSettings(messages_field="messages", max_seq_len=64), summary))
     assert [w.row_index for w in windows] == [0, 2]
     assert summary.skipped == {"chat_template_rewrites_turns": 1} and summary.rows == 3
     with pytest.raises(
         BadRowError,
         match=r"^dataset row 1: chat_template_rewrites_turns \(field 'messages'\); the chat template rewrites",
     ):
-        list(iter_windows(ds.rows, rewriting, messages_field="messages", max_seq_len=64, strict=True))
+        list(iter_windows(ds.rows, rewriting, WindowSettings(messages_field="messages", max_seq_len=64, strict=True)))

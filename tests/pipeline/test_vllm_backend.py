@@ -17,7 +17,7 @@ import pytest
 
 from logitcache.pipeline.capture import run_capture
 from logitcache.pipeline.config import CaptureConfig
-from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
+from logitcache.pipeline.data import TokenWindow, WindowSettings, iter_windows, load_rows
 from logitcache.storage import CacheReader, TargetSpec, verify_cache
 
 K = 16
@@ -44,8 +44,8 @@ def windows(tiny_demo_dir: Path, tiny_teacher_dir: Path) -> list[TokenWindow]:
     text = load_rows(str(tiny_demo_dir / "data" / "train.jsonl"), limit=3).rows
     chat = load_rows(str(tiny_demo_dir / "data" / "chat.jsonl"), limit=2).rows
     return [
-        *iter_windows(text, tok, max_seq_len=MAX_SEQ_LEN),
-        *iter_windows(chat, tok, messages_field="messages", max_seq_len=MAX_SEQ_LEN),
+        *iter_windows(text, tok, WindowSettings(max_seq_len=MAX_SEQ_LEN)),
+        *iter_windows(chat, tok, WindowSettings(messages_field="messages", max_seq_len=MAX_SEQ_LEN)),
     ]
 
 

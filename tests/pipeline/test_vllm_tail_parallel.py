@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from logitcache.pipeline.backends.vllm_cpu import BIND_ENV, cpu_threads_binding, default_cpu_binding
-from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
+from logitcache.pipeline.data import TokenWindow, WindowSettings, iter_windows, load_rows
 from logitcache.storage import CachedSequence, TargetSpec
 
 K = 16
@@ -65,7 +65,7 @@ def windows(peaked_teacher: Path, tiny_demo_dir: Path) -> list[TokenWindow]:
 
     tok = AutoTokenizer.from_pretrained(peaked_teacher)
     rows = load_rows(str(tiny_demo_dir / "data" / "train.jsonl"), limit=3).rows
-    return list(iter_windows(rows, tok, max_seq_len=MAX_SEQ_LEN))
+    return list(iter_windows(rows, tok, WindowSettings(max_seq_len=MAX_SEQ_LEN)))
 
 
 @pytest.fixture(scope="module")

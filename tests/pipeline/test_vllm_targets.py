@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from logitcache.pipeline.data import TokenWindow, iter_windows, load_rows
+from logitcache.pipeline.data import TokenWindow, WindowSettings, iter_windows, load_rows
 from logitcache.storage import CachedSequence, TargetSpec
 
 MAX_SEQ_LEN = 64
@@ -53,7 +53,7 @@ def windows(tiny_demo_dir: Path, tiny_teacher_dir: Path) -> list[TokenWindow]:
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     rows = load_rows(str(tiny_demo_dir / "data" / "train.jsonl"), limit=3).rows
-    out = list(iter_windows(rows, tok, max_seq_len=MAX_SEQ_LEN))
+    out = list(iter_windows(rows, tok, WindowSettings(max_seq_len=MAX_SEQ_LEN)))
     assert max(len(w.input_ids) for w in out) > 2 * CHUNKED_ENGINE["max_num_batched_tokens"]
     return out
 
