@@ -24,6 +24,8 @@ BENCHES = {
     "train": ["bench_train.py", "--json", "{out}/train.json"],
     "fidelity": ["bench_fidelity.py"],
     "quality": ["bench_quality.py"],
+    "targets": ["bench_targets.py"],
+    "bytes": ["bench_bytes.py"],
 }
 
 

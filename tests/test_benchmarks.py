@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("bench", ["codec", "train", "fidelity", "quality", "capture"])
+@pytest.mark.parametrize("bench", ["codec", "train", "fidelity", "quality", "capture", "targets", "bytes"])
 def test_benchmark_runs_quick(bench: str, tmp_path: Path) -> None:
     env = {**os.environ, "LOGITCACHE_BENCH_OUT": str(tmp_path)}
     proc = subprocess.run(
