@@ -27,11 +27,11 @@ seeds (sampled), means over positions, relative to mean ||g_full||^2.
 
 Sizes (Settings): tiny-llama students, 64 steps of 8 windows of 64 tokens (every training window seen once, in a
 per-seed order), lr 3e-3 cosine, 150 held-out windows; sized so that 2 regimes x 16 rows x 5 seeds fit in ~45
-minutes on 2 shared cores with --jobs 2 (one process per regime, 1 thread each; CE only is trained in both, the
+minutes on 2 shared cores with --jobs 2, the default (one process per regime, 1 thread each; CE only is trained in both, the
 same student). Teacher: `--teacher DIR` replaces the benchmark teacher (same tokenizer as the benchmark data).
 
-    python benchmarks/bench_targets.py --jobs 2   # the tables in BENCHMARKS.md (2 regimes x 16 rows x 5 seeds)
-    python benchmarks/bench_targets.py --quick --jobs 2   # the test-sized teacher, 2 seeds, 6 steps: checks it runs
+    python benchmarks/bench_targets.py            # the tables in BENCHMARKS.md (2 regimes x 16 rows x 5 seeds)
+    python benchmarks/bench_targets.py --quick    # the test-sized teacher, 1 seed, 3 steps: checks it runs
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(seeds=(0, 1), steps=6, train_windows=48, heldout_windows=8, fidelity_windows=4, fidelity_seeds=4)
+        return cls(seeds=(0,), steps=3, train_windows=24, heldout_windows=4, fidelity_windows=2, fidelity_seeds=2)
 
 
 def stat_ci(xs: Sequence[float]) -> tuple[float, float]:
@@ -765,13 +765,13 @@ def fidelity(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the test-sized teacher, 2 seeds, 6 steps")
+    ap.add_argument("--quick", action="store_true", help="the test-sized teacher, 1 seed, 3 steps")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--steps", type=int, help="optimizer steps per student (train windows = steps x batch)")
     ap.add_argument("--rows", nargs="+", help="only these rows (names as in the table)")
     ap.add_argument("--regimes", nargs="+", choices=["trained", "sharpened"])
     ap.add_argument("--no-fidelity", action="store_true")
-    ap.add_argument("--jobs", type=int, default=1, help="regimes run in parallel processes (1 thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="regimes run in parallel processes (1 thread each)")
     ap.add_argument(
         "--teacher",
         type=Path,
