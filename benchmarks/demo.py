@@ -1,14 +1,15 @@
 """`make demo`: the whole pipeline on the embedded default, through the real CLI, on CPU in minutes.
 
 1. `logitcache demo-teacher`: a tokenizer and a small Llama teacher trained locally on stdlib source;
-2. `logitcache cache-teacher` over the demo corpus (vLLM backend), and over held-out files the teacher never saw
-   (HF backend: a second, small cache that is only evaluated);
+2. `logitcache cache-teacher` over the demo corpus (vLLM backend) in the shipped target mode (`--targets`, see
+   BENCHMARKS.md "Target modes"), and over held-out files the teacher never saw (HF backend: a second, small top-k
+   cache that is only evaluated, plus the same files in the demo's mode, to compare their bytes per token);
 3. `logitcache train-student` three times from the same cache: a KD student (train-student's default alpha), a
    CE-only student (alpha=0) with the same steps, and a CE-only student given the KD student's wall-clock time
    (a KD step costs more than a CE step, so plain training gets more steps for the same time);
 4. `logitcache eval` of the three on the held-out cache, printed as a table with a plain verdict.
 
-    python benchmarks/demo.py [--work demo_out] [--backend vllm|hf] [--steps 130]
+    python benchmarks/demo.py [--work demo_out] [--backend vllm|hf] [--targets sampled] [--steps 130]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent / "logitcache"
+# The training cache's target mode and settings: the best quality per byte in BENCHMARKS.md "Target modes".
+DEMO_TARGETS = ("sampled", "--samples", "12", "--exact-top", "0")
 
 
 def run(*args: str, capture: bool = False) -> str:
@@ -43,7 +46,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="demo_out", help="where everything is written")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"], help="teacher engine for the capture")
-    ap.add_argument("--top-k", default="64")
+    ap.add_argument("--targets", default=DEMO_TARGETS[0], help="target mode of the training cache")
+    ap.add_argument("--targets-args", default=" ".join(DEMO_TARGETS[1:]), help="its settings (cache-teacher flags)")
+    ap.add_argument("--top-k", default="64", help="K of the held-out top-k cache (and of --targets topk)")
     ap.add_argument("--steps", default="130", help="optimizer steps of the KD student and the same-steps CE student")
     args = ap.parse_args()
     work = Path(args.work)
@@ -53,21 +58,28 @@ def main() -> None:
     # 2 cores) buys nothing here. The small held-out cache (only evaluated) through the HF backend, the reference
     # engine, which computes the same exact tail and saves a second engine start (~60 s).
     eager = ["--engine-arg", "enforce_eager=true"] if args.backend == "vllm" else []
+    mode = ["--targets", args.targets, *args.targets_args.split()]
+    if args.targets == "topk":
+        mode += ["--top-k", args.top_k]
+    topk = ["--targets", "topk", "--top-k", args.top_k]
     for data, cache, backend, extra in (
-        ("train.jsonl", "cache", args.backend, eager),
-        ("heldout.jsonl", "cache-heldout", "hf", []),
+        ("train.jsonl", "cache", args.backend, eager + mode),
+        ("heldout.jsonl", "cache-heldout", "hf", topk),
+        ("heldout.jsonl", "cache-heldout-mode", "hf", mode),
     ):
+        if cache == "cache-heldout-mode" and args.targets == "topk":
+            continue
         run(
             "cache-teacher",
             "--teacher", str(work / "teacher"),
             "--dataset", str(work / "data" / data),
             "--output", str(work / cache),
             "--backend", backend,
-            "--top-k", args.top_k,
             "--max-seq-len", "256",
             *extra,
         )  # fmt: skip
     run("inspect", str(work / "cache"))
+    sizes = bytes_per_token(work, args.targets)
     from logitcache.train.config import TrainConfig
 
     alpha = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "alpha")
@@ -86,11 +98,27 @@ def main() -> None:
         )  # fmt: skip
         student.result = json.loads(text)
     report(students)
+    print(
+        f"\nCache size on the held-out files (same tokens): --targets {' '.join(mode[1:])}: {sizes[0]:.1f} B/token; "
+        f"top-k k={args.top_k} with its tail: {sizes[1]:.1f} B/token ({sizes[0] / sizes[1]:.2f}x)."
+    )
     print(f"\nDone in {time.perf_counter() - t0:.0f}s. Files:")
     print(f"  teacher + data   {work}/teacher, {work}/data/")
     print(f"  caches           {work}/cache, {work}/cache-heldout  (logitcache inspect / verify DIR)")
     for student in students:
         print(f"  student run      {work}/{student.out}: final/, metrics.jsonl, curves.png, checkpoints/")
+
+
+def bytes_per_token(work: Path, targets: str) -> tuple[float, float]:
+    """B/token of the held-out cache in the demo's mode and of the top-k one (the same held-out tokens)."""
+    from logitcache.storage import CacheReader
+
+    def bpt(cache: str) -> float:
+        totals = CacheReader(work / cache).manifest["totals"]
+        return float(totals["num_bytes"]) / max(int(totals["num_tokens"]), 1)
+
+    topk = bpt("cache-heldout")
+    return (topk if targets == "topk" else bpt("cache-heldout-mode")), topk
 
 
 @dataclasses.dataclass
@@ -139,9 +167,8 @@ def report(students: tuple[Student, Student, Student]) -> None:
             f"\nPlainly: at equal wall-clock time, plain training wins on this demo. Distillation gained "
             f"{gain_steps:+.3f} nats at equal steps, but a KD step costs {ratio:.2f}x a CE step, and the CE student's "
             f"extra {ce_time.steps - ce.steps} steps gained {gain_time:+.3f}. Why: on a student this small the loss's "
-            "full-vocabulary passes dominate the step (a fused loss is the cure), and top-k targets with one tail "
-            "bucket carry only part of the teacher's signal (sampled targets are the cure). A single seed: "
-            "BENCHMARKS.md has the paired-seed figures."
+            "full-vocabulary passes dominate the step (a fused loss is the cure), and a teacher this weak has little "
+            "to teach beyond the data itself. A single seed: BENCHMARKS.md has the paired-seed figures."
         )
     else:
         print(

@@ -137,7 +137,8 @@ def _echo_header(cache_dir: str, m: dict[str, Any], summary: dict[str, Any]) -> 
         f"size         {_fmt_bytes(totals['num_bytes'])} in {summary['num_shards']} shard(s), "
         f"{summary['bytes_per_token']:.1f} B/token"
     )
-    click.echo(f"head mass    {summary['mean_head_mass_first_row_group']:.4f} mean over the first row group (1 - tail)")
+    exact = "exact entries' mass" if targets["mode"] == "sampled" else "head mass"
+    click.echo(f"{exact:12s} {summary['mean_head_mass_first_row_group']:.4f} mean over the first row group (1 - tail)")
 
 
 def _echo_position(seq: CachedSequence, t_pos: int, tokenizer: Any) -> None:
@@ -160,7 +161,10 @@ def _echo_position(seq: CachedSequence, t_pos: int, tokenizer: Any) -> None:
         click.echo(
             f"   #{rank:<3d} {show(tid):>16}  logp={lp:8.3f}  p={np.exp(lp):.4f}  weight={weights[rank]:.4f}{drawn}"
         )
-    click.echo(f"   tail        p={seq.tail_mass[t_pos]:.4f}")
+    if seq.num_samples:
+        click.echo(f"   residual    p={seq.tail_mass[t_pos]:.4f} outside the exact entries, shared by the draws")
+    else:
+        click.echo(f"   tail        p={seq.tail_mass[t_pos]:.4f}")
 
 
 @click.command("inspect")
