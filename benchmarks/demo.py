@@ -26,7 +26,7 @@ from typing import Any
 
 BIN = Path(sys.executable).parent / "logitcache"
 # The training cache's target mode and settings: the best quality per byte in BENCHMARKS.md "Target modes".
-DEMO_TARGETS = ("sampled", "--samples", "12", "--exact-top", "0")
+DEMO_TARGETS = ("sampled", "--samples", "24", "--exact-top", "0")
 
 
 def run(*args: str, capture: bool = False) -> str:

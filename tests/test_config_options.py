@@ -63,6 +63,11 @@ def test_every_field_has_its_option_and_every_option_a_field(
             assert p.default is None  # "not given": a --config file value applies, a flag overrides it
 
 
+# Fields whose default None is resolved by the config from the other settings, and what it resolves to when none
+# is given: cache-teacher's target mode (CaptureConfig._implied_targets).
+RESOLVED = {"targets": "sampled"}
+
+
 @pytest.mark.parametrize(("command", "cls", "extra", "exclude"), COMMANDS, ids=lambda x: getattr(x, "name", ""))
 def test_no_option_given_means_the_fields_defaults(
     command: click.Command, cls: type, extra: set[str], exclude: tuple[str, ...]
@@ -72,6 +77,9 @@ def test_no_option_given_means_the_fields_defaults(
         if f.name in REQUIRED:
             continue
         want = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name in RESOLVED:  # None means "resolved from the other settings" (the config says how)
+            assert want is None and seen[f.name] == RESOLVED[f.name], f.name
+            continue
         assert seen[f.name] == want, f.name
         help_text = next(p.help for p in command.params if p.name == f.name) or ""
         if want not in (None, False):

@@ -48,11 +48,26 @@ def test_target_settings() -> None:
     assert "`--top-k` is not used by `--targets sampled` (got 8)" in msg and "--exact-top + --samples" in msg
     assert "`--top-p` is not used by `--targets sampled`" in msg and "--samples must be in [1, 65535]" in msg
     with pytest.raises(ValueError, match="`--seed` is not used by `--targets topk`"):
-        CaptureConfig(**BASE, seed=3)
+        CaptureConfig(**BASE, targets="topk", seed=3)
     with pytest.raises(ValueError, match=r"`--targets` must be one of topk, adaptive, sampled \(got 'all'\)"):
         CaptureConfig(**BASE, targets="all")
     with pytest.raises(ValueError, match=r"--top-p must be in \(0, 1\], got 1.5"):
         CaptureConfig(**BASE, targets="adaptive", top_p=1.5)
+
+
+def test_the_mode_a_setting_implies() -> None:
+    """No --targets: sampled (the benchmark's choice), unless a setting of another mode says which one is meant."""
+    bare = {k: v for k, v in BASE.items() if k not in ("targets", "top_k", "top_p")}
+    assert CaptureConfig(**bare).targets == "sampled"
+    assert CaptureConfig(**bare).target_spec.to_header() == {
+        "mode": "sampled",
+        "exact_top": 0,
+        "samples": 24,
+        "seed": 0,
+    }
+    assert CaptureConfig(**bare, top_k=16).targets == "topk"
+    assert CaptureConfig(**bare, top_p=0.9).targets == "adaptive"
+    assert CaptureConfig(**bare, targets="topk").target_spec.max_entries == 64
 
 
 def test_missing_required_flags_are_named() -> None:
