@@ -164,7 +164,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the student.")
     fsdp: bool = option(False, "Shard the student with FSDP2 (`fully_shard`) instead of DDP; CUDA only.")
     kd_chunk_size: int = option(512, "Positions whose full-vocabulary logits are materialised at once in the loss.")
-    shuffle_units: int = option(
+    shuffle_parts: int = option(
         8,
         "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory.",
     )
@@ -221,7 +221,7 @@ class TrainConfig:
             object.__setattr__(self, "batch_unit", unit)
         except ConfigError as e:
             errors.append(str(e))
-        for name in ("grad_accum", "kd_chunk_size", "keep_checkpoints", "log_every", "shuffle_units"):
+        for name in ("grad_accum", "kd_chunk_size", "keep_checkpoints", "log_every", "shuffle_parts"):
             if getattr(self, name) < 1:
                 errors.append(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "num_workers", "eval_max_sequences", "max_grad_norm", "weight_decay"):

@@ -6,7 +6,7 @@ exactly the batches an uninterrupted one would):
    (so every rank and worker has data even in a tiny cache).
 2. Each epoch permutes the parts with a generator seeded by (seed, epoch) and deals them round-robin to ranks, then
    each rank's share round-robin to its dataloader workers: disjoint, and every part is read once per epoch.
-3. Each reader's parts are taken `shuffle_units` at a time (a block), and the training rows (sequence ids not held
+3. Each reader's parts are taken `shuffle_parts` at a time (a block), and the training rows (sequence ids not held
    out) of a whole block are shuffled together with a generator seeded by (seed, epoch, rank, worker, block): a
    row group holds neighbouring windows of a few documents (about 8 sequences at L=4096, k=64), so shuffling within
    one would fill a batch with windows of one document. Block shuffling as in mosaicml/streaming's `py1b`.
@@ -181,7 +181,7 @@ class CacheStream(IterableDataset):
     """Batches from a cache: the training stream (endless, shuffled, resumable) or the held-out split (one pass).
 
     Yields `collate` dicts. Each (rank, worker) reads a disjoint set of parts (see the module docstring), and
-    shuffles the training rows of `shuffle_units` parts at a time: it holds that many decoded row groups
+    shuffles the training rows of `shuffle_parts` parts at a time: it holds that many decoded row groups
     in memory (16 MiB of raw arrays each at the writer's default), and a batch mixes sequences from as many. With
     `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
     pass stops after `max_sequences` held-out sequences (0: all); every rank yields the same number of batches, the
@@ -201,20 +201,20 @@ class CacheStream(IterableDataset):
         world_size: int = 1,
         top_k_used: int | None = None,
         max_sequences: int = 0,
-        shuffle_units: int = 8,
+        shuffle_parts: int = 8,
     ) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if batch_unit not in ("sequences", "tokens"):
             raise ValueError(f"batch_unit must be 'sequences' or 'tokens', got {batch_unit!r}")
-        if shuffle_units < 1:
-            raise ValueError(f"shuffle_units must be at least 1 (parts shuffled together), got {shuffle_units}")
+        if shuffle_parts < 1:
+            raise ValueError(f"shuffle_parts must be at least 1 (parts shuffled together), got {shuffle_parts}")
         self.cache, self.seed, self.split = cache, seed, split
         self.batch_count, self.batch_unit = batch_count, batch_unit
         self.eval_fraction, self.rank, self.world_size = eval_fraction, rank, world_size
         self.top_k_used, self.max_sequences = top_k_used, max_sequences
-        self.shuffle_units = shuffle_units
-        self._state: dict[str, int] = {"epoch": 0, "block": 0, "row": 0, "shuffle_units": shuffle_units}
+        self.shuffle_parts = shuffle_parts
+        self._state: dict[str, int] = {"epoch": 0, "block": 0, "row": 0, "shuffle_parts": shuffle_parts}
 
     # torchdata's StatefulDataLoader calls these inside each worker process.
     def state_dict(self) -> dict[str, int]:
@@ -226,12 +226,12 @@ class CacheStream(IterableDataset):
                 f"data position {dict(state)} was saved by an older logitcache (row groups shuffled one at a time); "
                 "it cannot be resumed exactly: start a new run"
             )
-        if int(state["shuffle_units"]) != self.shuffle_units:
+        if int(state["shuffle_parts"]) != self.shuffle_parts:
             raise ValueError(
-                f"data position was saved with shuffle_units={state['shuffle_units']}, this stream has "
-                f"shuffle_units={self.shuffle_units}: resume with the same value"
+                f"data position was saved with shuffle_parts={state['shuffle_parts']}, this stream has "
+                f"shuffle_parts={self.shuffle_parts}: resume with the same value"
             )
-        self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_units")}
+        self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_parts")}
 
     def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[RowGroup, np.ndarray]:
         """A part's row group and the int64 indices of the part's rows in this split, in storage order."""
@@ -275,7 +275,7 @@ class CacheStream(IterableDataset):
         vocab = reader.vocab_size
         pending: list[CachedSequence] = []
         empty_epochs = last_epoch = 0
-        size = self.shuffle_units
+        size = self.shuffle_parts
         while True:
             epoch, start_block, start_row = self._state["epoch"], self._state["block"], self._state["row"]
             order = assigned_parts(len(parts), self.seed, epoch, self.rank, self.world_size, worker, num_workers)
@@ -287,13 +287,13 @@ class CacheStream(IterableDataset):
                 for r in range(start_row if blk == start_block else 0, len(rows)):
                     seq = decoded[rows[r, 0]].sequence(int(rows[r, 1]))
                     if self._full(pending, seq):
-                        self._state = {"epoch": epoch, "block": blk, "row": r, "shuffle_units": size}
+                        self._state = {"epoch": epoch, "block": blk, "row": r, "shuffle_parts": size}
                         out, pending = pending, []
                         yield collate(out, vocab, self.top_k_used, last_epoch)
                     pending.append(seq)
                     last_epoch = epoch
             # Next epoch; the batch in progress continues across the boundary (the stream is endless).
-            self._state = {"epoch": epoch + 1, "block": 0, "row": 0, "shuffle_units": size}
+            self._state = {"epoch": epoch + 1, "block": 0, "row": 0, "shuffle_parts": size}
             empty_epochs = empty_epochs + 1 if seen == 0 else 0
             if empty_epochs > 1 and not pending:
                 raise ValueError(

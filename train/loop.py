@@ -344,7 +344,7 @@ def _loader(cfg: TrainConfig, env: DistEnv) -> Any:
         rank=env.rank,
         world_size=env.world_size,
         top_k_used=cfg.top_k_used,
-        shuffle_units=cfg.shuffle_units,
+        shuffle_parts=cfg.shuffle_parts,
     )
     return StatefulDataLoader(
         stream,

@@ -248,14 +248,14 @@ def test_shuffle_buffer_mixes_the_windows_of_a_document_across_batches(document_
     reader = CacheReader(document_cache)
     rows = [n for *_, n in reader.row_groups()]
     assert set(rows[:-1]) == {SEQS_PER_ROW_GROUP}
-    one_part = same_document_pair_share(document_cache, shuffle_units=1)  # a batch from one row group at a time
+    one_part = same_document_pair_share(document_cache, shuffle_parts=1)  # a batch from one row group at a time
     default = same_document_pair_share(document_cache)
     assert default < one_part / 4, (one_part, default)
 
 
 def test_resume_mid_epoch_with_the_shuffle_buffer_continues_with_the_same_batches(document_cache: Path) -> None:
     def loader() -> StatefulDataLoader:
-        stream = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=3)
+        stream = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_parts=3)
         return StatefulDataLoader(stream, batch_size=None, num_workers=2)
 
     full = [(b["sequence_id"].tolist(), int(b["epoch"])) for b in itertools.islice(loader(), 60)]
@@ -271,6 +271,6 @@ def test_resume_mid_epoch_with_the_shuffle_buffer_continues_with_the_same_batche
         resumed.load_state_dict(state)
         rest = [(b["sequence_id"].tolist(), int(b["epoch"])) for b in itertools.islice(resumed, 60 - cut)]
         assert rest == full[cut:], cut
-    saved = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=3).state_dict()
-    with pytest.raises(ValueError, match="saved with shuffle_units=3"):
-        CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_units=4).load_state_dict(saved)
+    saved = CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_parts=3).state_dict()
+    with pytest.raises(ValueError, match="saved with shuffle_parts=3"):
+        CacheStream(str(document_cache), seed=1, batch_count=24, shuffle_parts=4).load_state_dict(saved)
