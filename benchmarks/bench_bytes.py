@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import sysconfig
@@ -84,19 +83,11 @@ def corpus_windows(tokenizer_dir: Path, num_tokens: int) -> Iterator[np.ndarray]
 def logit_scale(model: Any, windows: Sequence[np.ndarray]) -> float:
     """The factor on the logits whose mean entropy over `windows` is TARGET_ENTROPY (bisection on log scale)."""
     import torch
+    from bench_targets import find_beta  # the same bisection the quality benchmark sharpens its teacher with
 
     with torch.inference_mode():
         z = torch.cat([model(torch.from_numpy(w)[None]).logits[0, :-1].float() for w in windows])
-
-    def entropy(beta: float) -> float:
-        lp = torch.log_softmax(z * beta, dim=-1)
-        return float(-(lp.exp() * lp).sum(-1).mean())
-
-    lo, hi = math.log(0.05), math.log(64.0)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if entropy(math.exp(mid)) > TARGET_ENTROPY else (lo, mid)
-    return math.exp((lo + hi) / 2)
+    return find_beta(z, TARGET_ENTROPY)
 
 
 class NaiveWriter:
