@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,24 @@ DEFAULT_CODEC = "lpq16:fine=1/512x4,coarse=1/32"
 # Quantized log-probs are clipped to [-MAX_NATS, 0]: p < e^-120 carries no training signal.
 MAX_NATS = 120.0
 _LPQ_RE = re.compile(r"^lpq16:fine=1/(\d+)x(\d+),coarse=1/(\d+)$")
+# float32 exp(-x) is 0 for x > ~103.97 nats (below the smallest subnormal); the probability tables stop past it.
+_ZERO_PROB_NATS = 110.0
+
+
+def _probability_table(inv_step: int) -> np.ndarray:
+    """float32 exp(-q / inv_step) for every grid value q up to `_ZERO_PROB_NATS` (the last entry is 0), computed as
+    `decode` and `sparse_targets` compute it (float64 quotient rounded to float32, then float32 exp), so a lookup is
+    bit-identical to decoding then exponentiating."""
+    table = np.exp((np.arange(int(_ZERO_PROB_NATS * inv_step) + 1) / -inv_step).astype(np.float32))
+    assert table[-1] == 0.0
+    return table
+
+
+@cache
+def _lpq_probability_table(fine_inv_step: int, coarse_inv_step: int) -> tuple[np.ndarray, int]:
+    """The fine grid's table followed by the coarse grid's, and the fine table's length (the coarse offset)."""
+    fine = _probability_table(fine_inv_step)
+    return np.concatenate([fine, _probability_table(coarse_inv_step)]), len(fine)
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,32 @@ class LogprobCodec:
             coarse = base[:, None] + np.cumsum(c[:, r:], axis=1, dtype=np.int64)
             out[:, r:] = coarse / -self.coarse_inv_step
         return out
+
+    def decode_probs(self, codes: np.ndarray) -> np.ndarray:
+        """codes [N, k] -> float32 probabilities [N, k], bit-identical to `np.exp(self.decode(codes))` (float32 exp).
+
+        The trainer reads probabilities, not log-probs. For lpq16 every decoded value is a grid point, so the
+        probability is a table lookup: one cumsum of the codes along the ranks (uint32, which holds k * 65535), a
+        per-position shift of the coarse ranks onto the coarse table (stored after the fine one), and one `take`;
+        about 4x faster than decoding then exponentiating. Values past the tables' end (beyond 110 nats, whose float32
+        exp is 0) clip to their last entry, 0.
+        """
+        c = np.asarray(codes)
+        if self.kind != "lpq16":
+            return np.exp(self.decode(c))
+        k = c.shape[1]
+        r = min(self.fine_ranks, k)
+        table, coarse_at = _lpq_probability_table(self.fine_inv_step, self.coarse_inv_step)
+        idx = np.cumsum(c, axis=1, dtype=np.uint32)  # fine ranks: Q_j; coarse ranks: Q_{r-1} + sum of coarse deltas
+        if k > r:
+            last = idx[:, r - 1].astype(np.int64)
+            base = -(-last // (self.fine_inv_step // self.coarse_inv_step))
+            # C_j = base + (idx_j - Q_{r-1}), offset past the fine table; uint32 wraps, the true value is >= 0
+            shift = (base - last + coarse_at) % (1 << 32)
+            idx[:, r:] += shift.astype(np.uint32)[:, None]
+        # a fine value past its table must not land in the coarse one: clip it to the fine table's last entry (0)
+        np.minimum(idx[:, :r], coarse_at - 1, out=idx[:, :r])
+        return np.take(table, idx, mode="clip")
 
 
 def parse_codec(name: str) -> LogprobCodec:

@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from logitcache.storage.codec import LogprobCodec, parse_codec
-from logitcache.storage.records import CachedSequence, RowGroup
+from logitcache.storage.records import CachedSequence, RowGroup, TargetRowGroup
 from logitcache.storage.schema import (
     CAPTURE_NAME,
     COLUMNS,
@@ -29,9 +29,9 @@ from logitcache.storage.schema import (
     v1_arrow_schema,
     validate_manifest,
 )
-from logitcache.storage.targets import TargetSpec
+from logitcache.storage.targets import SparseTargets, TargetSpec
 
-__all__ = ["CacheReader", "decode_table"]
+__all__ = ["CacheReader", "decode_table", "decode_targets"]
 
 
 def _filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
@@ -88,7 +88,19 @@ def _sequences(table: pa.Table, next_token_column: str, where: str) -> RowGroup:
     )
 
 
-def _decode_v1(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> RowGroup:
+class _Entries(NamedTuple):
+    """A table's per-token and per-position columns (`seq`, no entries yet) and its entries, padded to [P, M] but
+    still encoded: what both `decode_table` (log-probs) and `decode_targets` (the sparse target view) start from."""
+
+    seq: RowGroup
+    entry_ids: np.ndarray  # int32 [P, M], -1 = padding
+    codes: np.ndarray  # [P, M] of the codec's dtype, 0 where padded
+    padded: np.ndarray | None  # bool [P, M], True where padded; None: no padding anywhere (the topk fast path)
+    sample_counts: np.ndarray | None  # uint16 [P, M] (sampled caches), else None
+    num_samples: int
+
+
+def _entries_v1(table: pa.Table, top_k: int, where: str) -> _Entries:
     """A version 1 table: K entries per position, flattened row-major, under the old column names."""
     _require(table, V1_COLUMNS, where, 1)
     seq = _sequences(table, "target_logprobs", where)
@@ -99,9 +111,7 @@ def _decode_v1(table: pa.Table, codec: LogprobCodec, top_k: int, where: str) -> 
         raise _misaligned(where, f"topk columns do not hold k={top_k} entries per position")
     num_pos = int(pos_off[-1])
     entry_ids = ids.astype(np.int32, copy=False).reshape(num_pos, top_k)
-    entry_lps = codec.decode(codes.reshape(num_pos, top_k))
-    entry_lps[entry_ids < 0] = -np.inf
-    return dataclasses.replace(seq, entry_ids=entry_ids, entry_logprobs=entry_lps)
+    return _Entries(seq, entry_ids, codes.reshape(num_pos, top_k), entry_ids < 0, None, 0)
 
 
 def _scatter(
@@ -115,9 +125,9 @@ def _scatter(
     return out
 
 
-def _decode_v2(
+def _entries_v2(
     table: pa.Table, codec: LogprobCodec, max_entries: int, where: str, targets: TargetSpec | None
-) -> RowGroup:
+) -> _Entries:
     """A version 2 table: entry_counts[t] entries at position t, scattered into padded [P, M] arrays."""
     sampled = "sample_counts" in table.column_names if targets is None else targets.mode == "sampled"
     _require(table, [c for c in COLUMNS if sampled or c != "sample_counts"], where, 2)
@@ -140,15 +150,23 @@ def _decode_v2(
     shape = (len(counts), max_entries)
     full = int(pos_entries[-1]) == shape[0] * shape[1]  # topk: no padding anywhere, the fast path
     real = None if full else np.arange(max_entries)[None, :] < counts[:, None]
-    entry_lps = codec.decode(_scatter(flat["entry_logprobs"][1], real, shape, 0, codec.numpy_dtype))
-    if real is not None:
-        entry_lps[~real] = -np.inf
-    return dataclasses.replace(
+    return _Entries(
         seq,
         entry_ids=_scatter(flat["entry_ids"][1], real, shape, -1, np.int32),
-        entry_logprobs=entry_lps,
+        codes=_scatter(flat["entry_logprobs"][1], real, shape, 0, codec.numpy_dtype),
+        padded=None if real is None else ~real,
         sample_counts=_scatter(flat["sample_counts"][1], real, shape, 0, np.uint16) if sampled else None,
         num_samples=targets.num_samples if targets is not None else 0,
+    )
+
+
+def _entries(table: pa.Table, codec: LogprobCodec, top_k: int, where: str, targets: TargetSpec | None) -> _Entries:
+    if "entry_counts" in table.column_names:
+        return _entries_v2(table, codec, top_k, where, targets)
+    if "topk_ids" in table.column_names:
+        return _entries_v1(table, top_k, where)
+    raise CacheFormatError(
+        f"{where}: neither entry_counts (version 2) nor topk_ids (version 1) is a column; not a logitcache shard"
     )
 
 
@@ -161,13 +179,36 @@ def decode_table(
     must be there (None: decoded when present, num_samples 0). Raises CacheFormatError naming `where` when the
     columns are missing or do not line up.
     """
-    if "entry_counts" in table.column_names:
-        return _decode_v2(table, codec, top_k, where, targets)
-    if "topk_ids" in table.column_names:
-        return _decode_v1(table, codec, top_k, where)
-    raise CacheFormatError(
-        f"{where}: neither entry_counts (version 2) nor topk_ids (version 1) is a column; not a logitcache shard"
+    e = _entries(table, codec, top_k, where, targets)
+    entry_lps = codec.decode(e.codes)
+    if e.padded is not None:
+        entry_lps[e.padded] = -np.inf
+    return dataclasses.replace(
+        e.seq,
+        entry_ids=e.entry_ids,
+        entry_logprobs=entry_lps,
+        sample_counts=e.sample_counts,
+        num_samples=e.num_samples,
     )
+
+
+def decode_targets(
+    table: pa.Table, codec: LogprobCodec, top_k: int, where: str, targets: TargetSpec | None = None
+) -> TargetRowGroup:
+    """A shard table (or row group) -> its sparse target view, equal to `decode_table(...).sparse_targets()` to the
+    bit, without the log-probs in between (`LogprobCodec.decode_probs`); arguments and errors as `decode_table`."""
+    e = _entries(table, codec, top_k, where, targets)
+    probs = codec.decode_probs(e.codes)
+    ids, tail = e.entry_ids, e.seq.tail_mass
+    if ids.size and ids.min() < 0:  # padding (or a negative stored id): weight 0, as in sparse_targets
+        probs[ids < 0] = 0.0
+    if e.sample_counts is not None and e.num_samples > 0:
+        # sparse_targets' weighting of drawn ids, on the probabilities: residual * count / N
+        drawn = (ids >= 0) & (e.sample_counts > 0)
+        weights = tail[:, None] * (e.sample_counts.astype(np.float32) / np.float32(e.num_samples))
+        probs = np.where(drawn, weights, probs)
+        tail = np.where(drawn.any(axis=1), np.float32(0.0), tail)
+    return TargetRowGroup.from_view(e.seq, SparseTargets(ids, probs, tail), e.num_samples)
 
 
 class CacheReader:
@@ -257,14 +298,24 @@ class CacheReader:
             out.extend((i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
         return out
 
-    def read_row_group(self, shard_index: int, row_group_index: int) -> RowGroup:
-        """One row group decoded to numpy."""
+    def _read_table(self, shard_index: int, row_group_index: int, use_threads: bool = True) -> tuple[pa.Table, str]:
+        """One row group's table (page checksums verified) and how to name it in errors."""
         try:
-            table = self.parquet_file(shard_index).read_row_group(row_group_index)
+            table = self.parquet_file(shard_index).read_row_group(row_group_index, use_threads=use_threads)
         except (OSError, pa.ArrowException) as e:
             raise self._damaged(shard_index, f"cannot read row group {row_group_index}", e) from None
-        where = f"{self.shard_path(shard_index)} row group {row_group_index}"
+        return table, f"{self.shard_path(shard_index)} row group {row_group_index}"
+
+    def read_row_group(self, shard_index: int, row_group_index: int) -> RowGroup:
+        """One row group decoded to numpy."""
+        table, where = self._read_table(shard_index, row_group_index)
         return decode_table(table, self.codec, self.top_k, where, self.targets)
+
+    def read_targets(self, shard_index: int, row_group_index: int) -> TargetRowGroup:
+        """One row group decoded straight to the sparse target view (what training reads; no log-probs). Read on
+        the calling thread: a loader worker should not add threads next to the training step's."""
+        table, where = self._read_table(shard_index, row_group_index, use_threads=False)
+        return decode_targets(table, self.codec, self.top_k, where, self.targets)
 
     def iter_row_groups(self, shards: Iterable[int] | None = None) -> Iterator[RowGroup]:
         """Every row group of the given shards (default: all), in order."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from logitcache.storage.targets import SparseTargets, sparse_targets
 
-__all__ = ["WINDOW_BITS", "CachedSequence", "RowGroup", "document_id"]
+__all__ = ["WINDOW_BITS", "CachedSequence", "RowGroup", "TargetRowGroup", "document_id"]
 
 # sequence_id = (dataset_row << WINDOW_BITS) | window_index: the low bits number the windows of one document.
 WINDOW_BITS = 16
@@ -111,3 +111,48 @@ class RowGroup:
             sample_counts=None if self.sample_counts is None else self.sample_counts[p0:p1],
             num_samples=self.num_samples,
         )
+
+
+@dataclass
+class TargetRowGroup:
+    """A row group decoded straight to the sparse target view, what training reads (`CacheReader.read_targets`).
+
+    The same flat arrays and offsets as `RowGroup`, with `target_ids`, `target_probs` and `tail_mass` equal to
+    `RowGroup.sparse_targets()` of the same row group, but decoded without log-probs (the codec's
+    `decode_probs`): a trainer slices sequences out of it with no per-sequence decoding.
+    """
+
+    sequence_id: np.ndarray  # int64 [B]
+    token_offsets: np.ndarray  # int64 [B+1] into input_ids / loss_mask
+    position_offsets: np.ndarray  # int64 [B+1] into the per-position arrays
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T]
+    next_token_logprobs: np.ndarray  # float32 [P]
+    target_ids: np.ndarray  # int32 [P, M], -1 = padding
+    target_probs: np.ndarray  # float32 [P, M], 0 where padded
+    tail_mass: np.ndarray  # float32 [P], the mass target_probs leaves uncovered (0 for sampled positions with draws)
+    num_samples: int = 0  # N draws per position (sampled caches), else 0
+
+    @classmethod
+    def from_view(cls, group: RowGroup, view: SparseTargets, num_samples: int) -> TargetRowGroup:
+        """The tokens and offsets of `group` (its entries unused) with the target view `view` of its positions."""
+        return cls(
+            sequence_id=group.sequence_id,
+            token_offsets=group.token_offsets,
+            position_offsets=group.position_offsets,
+            input_ids=group.input_ids,
+            loss_mask=group.loss_mask,
+            next_token_logprobs=group.next_token_logprobs,
+            target_ids=view.target_ids,
+            target_probs=view.target_probs,
+            tail_mass=view.tail_mass,
+            num_samples=num_samples,
+        )
+
+    @classmethod
+    def from_row_group(cls, group: RowGroup) -> TargetRowGroup:
+        """The target view of a decoded RowGroup (any codec, any version): the reference the fast path matches."""
+        return cls.from_view(group, group.sparse_targets(), group.num_samples)
+
+    def __len__(self) -> int:
+        return int(self.sequence_id.shape[0])

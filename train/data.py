@@ -29,14 +29,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from logitcache.storage import CachedSequence, CacheReader, RowGroup, document_id
+from logitcache.storage import CachedSequence, CacheReader, document_id
+from logitcache.storage.records import TargetRowGroup
 
 __all__ = [
     "splitmix64",
     "held_out_mask",
     "plan_parts",
     "assigned_parts",
+    "Decoded",
     "collate",
+    "collate_rows",
     "masked_batch",
     "CacheStream",
     "steps_for_epochs",
@@ -89,6 +92,50 @@ def _part_rows(n_rows: int, part: int, num_parts: int) -> tuple[int, int]:
     return n_rows * part // num_parts, n_rows * (part + 1) // num_parts
 
 
+class Decoded:
+    """A decoded part ready to batch: a `TargetRowGroup` and, per sequence, the positions that train.
+
+    Position t of sequence i (group position `position_offsets[i] + t`) trains when `loss_mask[t+1]` of the sequence;
+    `loss_rows` lists those group positions, sequence after sequence (`loss_offsets` [B+1] into it), and `dense[i]`
+    says whether every position of sequence i trains (then its rows are one slice and batching copies views).
+    Batches are built from (Decoded, row) references: slicing, no per-sequence decoding or objects.
+    """
+
+    def __init__(self, group: TargetRowGroup) -> None:
+        self.group = group
+        self.lengths = np.diff(group.token_offsets)
+        num_pos = np.diff(group.position_offsets)
+        # position p of sequence i predicts token p + i + 1 of the group (each sequence has one token more)
+        seq_of_pos = np.repeat(np.arange(len(group), dtype=np.int64), num_pos)
+        trains = group.loss_mask[np.arange(len(seq_of_pos), dtype=np.int64) + seq_of_pos + 1]
+        self.loss_rows = np.flatnonzero(trains)
+        self.loss_offsets = np.searchsorted(self.loss_rows, group.position_offsets)
+        self.dense = np.diff(self.loss_offsets) == num_pos
+        ids = group.target_ids
+        self.max_id = int(ids.max()) if ids.size else -1
+
+
+def _as_decoded(seqs: list[CachedSequence]) -> Decoded:
+    """Sequences (each with its own sparse target view) as one Decoded part, rows in the given order."""
+    views = [s.sparse_targets() for s in seqs]
+    lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
+    token_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Decoded(
+        TargetRowGroup(
+            sequence_id=np.array([s.sequence_id for s in seqs], dtype=np.int64),
+            token_offsets=token_offsets,
+            position_offsets=token_offsets - np.arange(len(seqs) + 1),
+            input_ids=np.concatenate([s.input_ids for s in seqs]),
+            loss_mask=np.concatenate([s.loss_mask for s in seqs]),
+            next_token_logprobs=np.concatenate([s.next_token_logprobs for s in seqs]),
+            target_ids=np.concatenate([v.target_ids for v in views]),
+            target_probs=np.concatenate([v.target_probs for v in views]),
+            tail_mass=np.concatenate([v.tail_mass for v in views]),
+            num_samples=max(s.num_samples for s in seqs),
+        )
+    )
+
+
 def collate(
     seqs: list[CachedSequence], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -109,27 +156,48 @@ def collate(
     rows), are folded into the tail. Sampled caches refuse both (ValueError): a sampled id's weight stands for a share
     of the residual mass, and their loss has no tail bucket to fold it into.
     """
-    lengths = np.array([s.num_tokens for s in seqs], dtype=np.int64)
-    bsz, width = len(seqs), int(lengths.max())
+    part = _as_decoded(seqs)
+    return collate_rows([(part, i) for i in range(len(seqs))], vocab_size, top_k_used, epoch)
+
+
+def collate_rows(
+    rows: list[tuple[Decoded, int]], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
+) -> dict[str, torch.Tensor]:
+    """`collate` of the sequences `rows` (decoded part, row in it), in order: the loader's path, which copies each
+    sequence's slices of its part straight into the batch arrays."""
+    bsz = len(rows)
+    lengths = np.array([d.lengths[i] for d, i in rows], dtype=np.int64)
+    counts = [int(d.loss_offsets[i + 1] - d.loss_offsets[i]) for d, i in rows]
+    width, n = int(lengths.max()), sum(counts)
+    m = rows[0][0].group.target_ids.shape[1]
     input_ids = np.zeros((bsz, width), dtype=np.int64)
     attention = np.zeros((bsz, width), dtype=np.int64)
-    pos, ids, probs, tail, tgt_lp = [], [], [], [], []
-    for b, s in enumerate(seqs):
-        n = s.num_tokens
-        input_ids[b, :n] = s.input_ids
-        attention[b, :n] = 1
-        t = np.flatnonzero(s.loss_mask[1:])
-        view = s.sparse_targets()
-        pos.append(b * width + t)
-        ids.append(view.target_ids[t])
-        probs.append(view.target_probs[t])
-        tail.append(view.tail_mass[t])
-        tgt_lp.append(s.next_token_logprobs[t])
-    positions = np.concatenate(pos)
-    target_ids = np.concatenate(ids).astype(np.int64)
-    target_probs = np.concatenate(probs).astype(np.float32)
-    tail_mass = np.concatenate(tail).astype(np.float64)
-    sampled = any(s.num_samples > 0 for s in seqs)
+    positions = np.empty(n, dtype=np.int64)
+    target_ids = np.empty((n, m), dtype=np.int64)
+    target_probs = np.empty((n, m), dtype=np.float32)
+    tail32 = np.empty(n, dtype=np.float32)
+    next_lp = np.empty(n, dtype=np.float32)
+    o = 0
+    for b, ((d, i), q) in enumerate(zip(rows, counts)):
+        g = d.group
+        t0, p0, length = g.token_offsets[i], g.position_offsets[i], lengths[b]
+        input_ids[b, :length] = g.input_ids[t0 : t0 + length]
+        attention[b, :length] = 1
+        at: slice | np.ndarray
+        if d.dense[i]:
+            at = slice(p0, p0 + q)
+            positions[o : o + q] = np.arange(b * width, b * width + q)
+        else:
+            at = d.loss_rows[d.loss_offsets[i] : d.loss_offsets[i + 1]]
+            positions[o : o + q] = at + (b * width - p0)
+        target_ids[o : o + q] = g.target_ids[at]
+        target_probs[o : o + q] = g.target_probs[at]
+        tail32[o : o + q] = g.tail_mass[at]
+        next_lp[o : o + q] = g.next_token_logprobs[at]
+        o += q
+    sampled = any(d.group.num_samples > 0 for d, _ in rows)
+    # float64 accumulation only when entries fold into the tail; else clipping the float32 tail gives the same values
+    tail_mass: np.ndarray = tail32
     if top_k_used is not None and top_k_used < target_ids.shape[1]:
         if sampled:
             raise ValueError(
@@ -137,19 +205,21 @@ def collate(
                 "there (a sampled id's weight stands for a share of the residual mass, and their loss has no tail "
                 "bucket)"
             )
-        tail_mass += target_probs[:, top_k_used:].sum(axis=1, dtype=np.float64)
+        tail_mass = tail32.astype(np.float64) + target_probs[:, top_k_used:].sum(axis=1, dtype=np.float64)
         target_ids, target_probs = target_ids[:, :top_k_used], target_probs[:, :top_k_used]
-    outside = target_ids >= vocab_size
-    if outside.any():
-        if sampled:
-            raise ValueError(
-                f"sequences {[s.sequence_id for s in seqs]}: sampled target id {int(target_ids[outside].max())} is "
-                f"outside the tokenizer's vocabulary ({vocab_size} tokens); it can't be folded into a tail (its weight "
-                "stands for a share of the residual mass, and the sampled loss has no tail bucket)"
-            )
-        tail_mass += np.where(outside, target_probs, 0.0).sum(axis=1)
-        target_ids = np.where(outside, -1, target_ids)
-        target_probs = np.where(outside, 0.0, target_probs).astype(np.float32)
+    if max(d.max_id for d, _ in rows) >= vocab_size:
+        outside = target_ids >= vocab_size
+        if outside.any():
+            if sampled:
+                raise ValueError(
+                    f"sequences {[int(d.group.sequence_id[i]) for d, i in rows]}: sampled target id "
+                    f"{int(target_ids[outside].max())} is outside the tokenizer's vocabulary ({vocab_size} tokens); it "
+                    "can't be folded into a tail (its weight stands for a share of the residual mass, and the sampled "
+                    "loss has no tail bucket)"
+                )
+            tail_mass = tail_mass.astype(np.float64) + np.where(outside, target_probs, 0.0).sum(axis=1)
+            target_ids = np.where(outside, -1, target_ids)
+            target_probs = np.where(outside, 0.0, target_probs).astype(np.float32)
     flat_ids = input_ids.reshape(-1)
     return {
         "input_ids": torch.from_numpy(input_ids),
@@ -158,12 +228,12 @@ def collate(
         "next_token_ids": torch.from_numpy(flat_ids[positions + 1]),
         "target_ids": torch.from_numpy(np.ascontiguousarray(target_ids)),
         "target_probs": torch.from_numpy(np.ascontiguousarray(target_probs)),
-        "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32)),
-        "next_token_logprobs": torch.from_numpy(np.concatenate(tgt_lp).astype(np.float32)),
+        "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32, copy=False)),
+        "next_token_logprobs": torch.from_numpy(next_lp),
         "num_tokens": torch.tensor(int(lengths.sum())),
-        "num_positions": torch.tensor(int(positions.shape[0])),
+        "num_positions": torch.tensor(n),
         "epoch": torch.tensor(epoch),
-        "sequence_id": torch.tensor([s.sequence_id for s in seqs], dtype=torch.int64),
+        "sequence_id": torch.tensor([int(d.group.sequence_id[i]) for d, i in rows], dtype=torch.int64),
     }
 
 
@@ -233,17 +303,17 @@ class CacheStream(IterableDataset):
             )
         self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_parts")}
 
-    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[RowGroup, np.ndarray]:
-        """A part's row group and the int64 indices of the part's rows in this split, in storage order."""
+    def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[Decoded, np.ndarray]:
+        """A part's decoded row group and the int64 indices of the part's rows in this split, in storage order."""
         shard, group_index, p, n = part
-        group = reader.read_row_group(shard, group_index)
-        lo, hi = _part_rows(len(group), p, n)
-        held = held_out_mask(group.sequence_id[lo:hi], self.eval_fraction)
+        group = Decoded(reader.read_targets(shard, group_index))
+        lo, hi = _part_rows(len(group.group), p, n)
+        held = held_out_mask(group.group.sequence_id[lo:hi], self.eval_fraction)
         return group, lo + np.flatnonzero(held if self.split == "eval" else ~held)
 
     def _block(
         self, reader: CacheReader, parts: list[tuple[int, int, int, int]], block: np.ndarray, rng: np.random.Generator
-    ) -> tuple[list[RowGroup], np.ndarray]:
+    ) -> tuple[list[Decoded], np.ndarray]:
         """The decoded parts of a block and its training rows shuffled together: int64 [n, 2] (part in block, row)."""
         decoded, rows = [], [np.zeros((0, 2), dtype=np.int64)]
         for j, index in enumerate(block):
@@ -253,14 +323,14 @@ class CacheStream(IterableDataset):
         shuffled = np.concatenate(rows)
         return decoded, shuffled[rng.permutation(len(shuffled))]
 
-    def _full(self, pending: list[CachedSequence], nxt: CachedSequence) -> bool:
-        """Whether adding `nxt` would overflow the batch (a batch always takes at least one sequence)."""
-        if not pending:
+    def _full(self, count: int, width: int, length: int) -> bool:
+        """Whether adding a sequence of `length` tokens to `count` pending ones (the longest `width` tokens) would
+        overflow the batch (a batch always takes at least one sequence)."""
+        if not count:
             return False
         if self.batch_unit == "sequences":
-            return len(pending) >= self.batch_count
-        width = max(max(s.num_tokens for s in pending), nxt.num_tokens)
-        return (len(pending) + 1) * width > self.batch_count
+            return count >= self.batch_count
+        return (count + 1) * max(width, length) > self.batch_count
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -273,8 +343,8 @@ class CacheStream(IterableDataset):
         if not parts:
             raise ValueError(f"{self.cache}: the cache holds no sequences to train on")
         vocab = reader.vocab_size
-        pending: list[CachedSequence] = []
-        empty_epochs = last_epoch = 0
+        pending: list[tuple[Decoded, int]] = []
+        width = empty_epochs = last_epoch = 0
         size = self.shuffle_parts
         while True:
             epoch, start_block, start_row = self._state["epoch"], self._state["block"], self._state["row"]
@@ -285,12 +355,14 @@ class CacheStream(IterableDataset):
                 decoded, rows = self._block(reader, parts, order[blk * size : (blk + 1) * size], rng)
                 seen += len(rows)
                 for r in range(start_row if blk == start_block else 0, len(rows)):
-                    seq = decoded[rows[r, 0]].sequence(int(rows[r, 1]))
-                    if self._full(pending, seq):
+                    part, row = decoded[rows[r, 0]], int(rows[r, 1])
+                    length = int(part.lengths[row])
+                    if self._full(len(pending), width, length):
                         self._state = {"epoch": epoch, "block": blk, "row": r, "shuffle_parts": size}
-                        out, pending = pending, []
-                        yield collate(out, vocab, self.top_k_used, last_epoch)
-                    pending.append(seq)
+                        out, pending, width = pending, [], 0
+                        yield collate_rows(out, vocab, self.top_k_used, last_epoch)
+                    pending.append((part, row))
+                    width = max(width, length)
                     last_epoch = epoch
             # Next epoch; the batch in progress continues across the boundary (the stream is endless).
             self._state = {"epoch": epoch + 1, "block": 0, "row": 0, "shuffle_parts": size}
@@ -301,10 +373,10 @@ class CacheStream(IterableDataset):
                     "few row groups); lower --eval-fraction or --num-workers"
                 )
 
-    def _eval_batches(self, reader: CacheReader) -> Iterator[list[CachedSequence]]:
+    def _eval_batches(self, reader: CacheReader) -> Iterator[list[tuple[Decoded, int]]]:
         """Every rank's held-out batches, in storage order (the same on all ranks), up to `max_sequences`."""
-        pending: list[CachedSequence] = []
-        taken = 0
+        pending: list[tuple[Decoded, int]] = []
+        taken = width = 0
         for shard, group_index, rows in reader.row_groups():
             if rows == 0:
                 continue
@@ -312,11 +384,12 @@ class CacheStream(IterableDataset):
             for i in keep:
                 if self.max_sequences and taken >= self.max_sequences:
                     break
-                seq = group.sequence(int(i))
-                if self._full(pending, seq):
+                length = int(group.lengths[i])
+                if self._full(len(pending), width, length):
                     yield pending
-                    pending = []
-                pending.append(seq)
+                    pending, width = [], 0
+                pending.append((group, int(i)))
+                width = max(width, length)
                 taken += 1
             if self.max_sequences and taken >= self.max_sequences:
                 break
@@ -336,9 +409,9 @@ class CacheStream(IterableDataset):
             total += 1
             if index % self.world_size == self.rank:
                 mine += 1
-                yield collate(seqs, vocab, self.top_k_used)
+                yield collate_rows(seqs, vocab, self.top_k_used)
             elif filler is None:
-                filler = masked_batch(collate(seqs[:1], vocab, self.top_k_used))
+                filler = masked_batch(collate_rows(seqs[:1], vocab, self.top_k_used))
         for _ in range(-(-total // self.world_size) - mine):
             assert filler is not None  # a rank short of batches skipped at least one
             yield filler
