@@ -50,6 +50,7 @@ class KDSettings:
     alpha: float = 1.0  # weight of the KD term against CE on the real next tokens (1 = pure KD)
     no_tail: bool = False  # drop the tail bucket and renormalise the teacher head (the biased baseline)
     chunk_size: int = 512  # positions whose full-vocabulary logits exist at once
+    fused_loss: bool = True  # train/fused.py (one pass, closed-form gradient); False: the reference in train/losses.py
     # The cache's target mode (its TargetSpec.mode). "sampled": the weights stand for the whole distribution, there
     # is no tail bucket, and forward KL is soft cross-entropy against the student's full-vocabulary log-softmax
     # (forward_kl at T=1 only). "topk"/"adaptive": the head + tail buckets, every loss.
@@ -164,6 +165,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the student.")
     fsdp: bool = option(False, "Shard the student with FSDP2 (`fully_shard`) instead of DDP; CUDA only.")
     kd_chunk_size: int = option(512, "Positions whose full-vocabulary logits are materialised at once in the loss.")
+    fused_loss: bool = option(
+        True,
+        "Compute the loss and its gradient in one pass per chunk (train/fused.py); `--no-fused-loss` runs the reference implementation (autograd, recomputed in backward), for comparisons.",
+    )
     shuffle_parts: int = option(
         8,
         "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory.",

@@ -50,7 +50,9 @@ tail mass, and log(0) would make one position cost ~10^4 nats. Teacher tails are
 
 Memory: `chunked_distillation_loss` takes the student's last hidden states and the output head and materialises
 full-vocabulary logits for `chunk_size` positions at a time, recomputing them in backward (activation
-checkpointing), so peak memory stays at one chunk's [chunk, V] logits instead of [positions, V].
+checkpointing), so peak memory stays at one chunk's [chunk, V] logits instead of [positions, V]. This is the
+reference implementation; training uses train/fused.py (the same losses through `bucket_logprobs_from_stats`, with the
+gradient formed in the forward pass in closed form), which the tests hold equal to this one in float64.
 """
 
 from __future__ import annotations
@@ -119,7 +121,51 @@ class TeacherTargets(NamedTuple):
 
     def logprobs(self) -> torch.Tensor:
         """float32 [N, M]: log of the weights, floored at _LOG_FLOOR (a weight of 0 stays a finite term of weight 0)."""
-        return torch.log(self.probs.float()).clamp(min=_LOG_FLOOR)
+        return torch.log(_upcast(self.probs)).clamp(min=_LOG_FLOOR)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when given float64 (the reference tests compare the fused path in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class StudentStats(NamedTuple):
+    """What the losses need from the student's full-vocabulary logits z [N, V] at N positions: a few gathers and
+    log-sum-exps. Every loss here is a function of these small tensors only (`bucket_logprobs_from_stats`), which is
+    what lets the fused path (train/fused.py) compute them in its own passes and chain the gradient back to z in
+    closed form. Entries that a setting does not use are None."""
+
+    z_head: torch.Tensor  # [N, M] z at the target ids (padding slots: z[0], given zero weight)
+    lse: torch.Tensor  # [N, 1] logsumexp(z)
+    lse_temp: torch.Tensor | None  # [N, 1] logsumexp(z / T): forward KL without a tail bucket only (lse when T = 1)
+    lse_comp: torch.Tensor | None  # [N, 1] logsumexp of z over the complement of the target ids: tail bucket only
+    has_tail: torch.Tensor | None  # bool [N, 1]: the complement is not empty (k = V leaves it empty)
+
+
+def uses_tail_bucket(settings: KDSettings) -> bool:
+    return not (settings.no_tail or settings.sampled)
+
+
+def uses_full_temperature(settings: KDSettings) -> bool:
+    """Forward KL without a tail bucket compares with the student's full-vocabulary log-softmax of z / T."""
+    return (settings.no_tail or settings.sampled) and settings.loss == "forward_kl"
+
+
+def student_stats(student_logits: torch.Tensor, teacher: TeacherTargets, settings: KDSettings) -> StudentStats:
+    """The reference computation of `StudentStats` from materialised logits (differentiable by autograd)."""
+    z = _upcast(student_logits)
+    valid_head = teacher.ids >= 0
+    ids = teacher.ids.clamp(min=0).long()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    lse_temp = lse_comp = has_tail = None
+    if uses_full_temperature(settings):
+        lse_temp = lse if settings.temperature == 1.0 else torch.logsumexp(z / settings.temperature, -1, keepdim=True)
+    if uses_tail_bucket(settings):
+        # scatter_add, not scatter: padded slots point at id 0 too, and must not unmask a real head token 0
+        head_mask = torch.zeros_like(z, dtype=torch.int32).scatter_add_(-1, ids, valid_head.to(torch.int32)) > 0
+        lse_comp = torch.logsumexp(z.masked_fill(head_mask, _LOG_FLOOR), dim=-1, keepdim=True)
+        has_tail = head_mask.sum(dim=-1, keepdim=True) < z.shape[-1]
+    return StudentStats(z.gather(-1, ids), lse, lse_temp, lse_comp, has_tail)
 
 
 def bucket_logprobs(
@@ -127,44 +173,48 @@ def bucket_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs on the M+1 buckets (the target ids, then the tail), tempered.
 
-    student_logits: float [N, V] (any float dtype; computed in float32); teacher: the targets at the N positions.
-    Returns (teacher_lp, student_lp, valid): float32 [N, M+1], float32 [N, M+1], bool [N, M+1]. Invalid buckets
-    (padding; the tail when it is dropped) hold _LOG_FLOOR and must be given zero weight. The tail bucket is dropped
-    with `settings.no_tail` (the baseline) and for sampled targets (none exists); there forward KL compares with the
-    student's full-vocabulary log-softmax at the target ids, every other loss with the student renormalised over them.
+    student_logits: float [N, V] (any float dtype; computed in float32, or float64 if given); teacher: the targets at
+    the N positions. Returns (teacher_lp, student_lp, valid): float [N, M+1], float [N, M+1], bool [N, M+1]. Invalid
+    buckets (padding; the tail when it is dropped) hold _LOG_FLOOR and must be given zero weight. The tail bucket is
+    dropped with `settings.no_tail` (the baseline) and for sampled targets (none exists); there forward KL compares
+    with the student's full-vocabulary log-softmax at the target ids, every other loss with the student renormalised
+    over them.
     """
-    z = student_logits.float()
+    return bucket_logprobs_from_stats(student_stats(student_logits, teacher, settings), teacher, settings)
+
+
+def bucket_logprobs_from_stats(
+    stats: StudentStats, teacher: TeacherTargets, settings: KDSettings = DEFAULT_KD
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`bucket_logprobs` from the student's `StudentStats`: only [N, M+1]-sized operations."""
     valid_head = teacher.ids >= 0
-    ids = teacher.ids.clamp(min=0).long()
-    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
-    s_head = z.gather(-1, ids) - lse_all  # student log q_i at T=1, [N, M]
+    z_head = stats.z_head
+    s_head = z_head - stats.lse  # student log q_i at T=1, [N, M]
     neg = torch.full_like(s_head, _LOG_FLOOR)
     temperature = settings.temperature
 
-    t_head = torch.where(valid_head, teacher.logprobs(), neg)
-    if settings.no_tail or settings.sampled:
+    t_head = torch.where(valid_head, teacher.logprobs().to(s_head.dtype), neg)
+    if not uses_tail_bucket(settings):
         # Sampled: the weights cover the whole distribution, so sum_i w_i log q_i is the soft cross-entropy with the
         # full vocabulary (an unbiased estimate of the full one). Baseline: the renormalised teacher head.
         t_lp = torch.log_softmax(t_head / temperature, dim=-1)
-        if settings.loss != "forward_kl":
-            s_lp = torch.log_softmax(torch.where(valid_head, z.gather(-1, ids), neg) / temperature, dim=-1)
+        if stats.lse_temp is None:
+            s_lp = torch.log_softmax(torch.where(valid_head, z_head, neg) / temperature, dim=-1)
         else:
-            s_lp = (z.gather(-1, ids) / temperature) - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
+            s_lp = (z_head / temperature) - stats.lse_temp
         tail = torch.full_like(s_head[:, :1], _LOG_FLOOR)
         valid = torch.cat([valid_head, torch.zeros_like(valid_head[:, :1])], dim=-1)
         t_lp = torch.where(valid_head, t_lp, neg)
         s_lp = torch.where(valid_head, s_lp, neg)
         return torch.cat([t_lp, tail], -1), torch.cat([s_lp, tail], -1), valid
 
+    assert stats.lse_comp is not None and stats.has_tail is not None
     # log q_tail = logsumexp over the complement of H - logsumexp over all: exact, no cancellation.
-    # scatter_add, not scatter: padded slots point at id 0 too, and must not unmask a real head token 0
-    head_mask = torch.zeros_like(z, dtype=torch.int32).scatter_add_(-1, ids, valid_head.to(torch.int32)) > 0
-    s_tail = torch.logsumexp(z.masked_fill(head_mask, _LOG_FLOOR), dim=-1, keepdim=True) - lse_all
-    t_tail = torch.log(teacher.tail_mass.float().clamp(min=TAIL_FLOOR)).unsqueeze(-1)
+    s_tail = stats.lse_comp - stats.lse
+    t_tail = torch.log(teacher.tail_mass.to(s_head.dtype).clamp(min=TAIL_FLOOR)).unsqueeze(-1)
     s_head = torch.where(valid_head, s_head, neg)
     # The tail bucket exists only where some token lies outside the head (k = V leaves it empty on both sides).
-    has_tail = head_mask.sum(dim=-1, keepdim=True) < z.shape[-1]
-    valid = torch.cat([valid_head, has_tail], dim=-1)
+    valid = torch.cat([valid_head, stats.has_tail], dim=-1)
     t_lp = torch.cat([t_head, t_tail], dim=-1)
     s_lp = torch.cat([s_head, s_tail.clamp(min=_LOG_FLOOR)], dim=-1)
     # Same map on both sides (see the module docstring); at T=1 this only renormalises the teacher's buckets,
@@ -223,11 +273,11 @@ def _chunk_sums(
     logits: torch.Tensor, teacher: TeacherTargets, next_token_ids: torch.Tensor, settings: KDSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weighted sum, kd sum, ce sum) of one chunk's positions; logits [C, V]."""
-    ce = F.cross_entropy(logits.float(), next_token_ids.long(), reduction="sum")
+    ce = F.cross_entropy(_upcast(logits), next_token_ids.long(), reduction="sum")
     if settings.alpha > 0.0:
         kd = kd_loss_per_position(logits, teacher, settings).sum()
     else:
-        kd = logits.new_zeros((), dtype=torch.float32)
+        kd = ce.new_zeros(())
     total = settings.alpha * settings.temperature**2 * kd + (1.0 - settings.alpha) * ce
     return total, kd.detach(), ce.detach()
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from logitcache.storage import CacheLayout, CacheReader, LMHeadTransform, tokenizer_fingerprint
 from logitcache.train.config import DEFAULT_KD, KDSettings
+from logitcache.train.fused import fused_distillation_loss
 from logitcache.train.losses import LossParts, TeacherTargets, chunked_distillation_loss, kd_loss_per_position
 
 __all__ = [
@@ -237,8 +238,9 @@ class EvalSums(NamedTuple):
 class DistillModel(nn.Module):
     """A causal LM plus the distillation loss, so that DDP/FSDP see the whole step inside one forward.
 
-    The student's full-vocabulary logits are only formed by `chunked_distillation_loss`, a chunk of positions at a
-    time, from the final hidden states and the output head sliced to the tokenizer's vocabulary.
+    The student's full-vocabulary logits are only formed by the loss (`fused_distillation_loss`, or the reference
+    `chunked_distillation_loss` with `--no-fused-loss`), a chunk of positions at a time, from the final hidden states
+    and the output head sliced to the tokenizer's vocabulary.
     """
 
     def __init__(self, model: nn.Module, vocab_size: int, settings: KDSettings = DEFAULT_KD) -> None:
@@ -248,11 +250,15 @@ class DistillModel(nn.Module):
         self.settings = settings
         self.head_transform = LMHeadTransform.from_config(model.config)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[C, D] hidden states -> [C, vocab_size] logits (padded rows of the output embedding skipped)."""
+    def head_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output embedding's weight [vocab_size, D] and bias (or None), padded rows skipped."""
         lm_head = self.model.get_output_embeddings()
         bias = lm_head.bias[: self.vocab_size] if getattr(lm_head, "bias", None) is not None else None
-        return self.head_transform.apply(nn.functional.linear(hidden, lm_head.weight[: self.vocab_size], bias))
+        return lm_head.weight[: self.vocab_size], bias
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[C, D] hidden states -> [C, vocab_size] logits (padded rows of the output embedding skipped)."""
+        return self.head_transform.apply(nn.functional.linear(hidden, *self.head_params()))
 
     def hidden_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Final hidden states [N, D] at `positions` (int64 [N] flat indices into input_ids' [B, L])."""
@@ -269,6 +275,16 @@ class DistillModel(nn.Module):
         if evaluate:
             return self._eval_sums(hidden, batch)
         teacher = TeacherTargets.from_batch(batch)
+        if self.settings.fused_loss:
+            return fused_distillation_loss(
+                hidden,
+                *self.head_params(),
+                teacher,
+                batch["next_token_ids"],
+                self.settings,
+                normalizer=normalizer,
+                transform=self.head_transform,
+            )
         return chunked_distillation_loss(
             hidden, self.head, teacher, batch["next_token_ids"], self.settings, normalizer=normalizer
         )
