@@ -18,6 +18,7 @@ from torch import nn
 from logitcache.storage import CacheReader
 from logitcache.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_final
 from logitcache.train.config import ConfigError, KDSettings, TrainConfig
+from logitcache.train.cpu_malloc import tune_cpu_malloc
 from logitcache.train.data import CacheStream, steps_for_epochs
 from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
 from logitcache.train.evaluate import evaluate
@@ -175,6 +176,8 @@ def train(cfg: TrainConfig, batch_hook: BatchHook | None = None) -> dict[str, An
     arrays, e.g. the benchmarks' live-teacher row puts the resident teacher's full distribution there.
     """
     env = init_distributed()
+    if env.device.type == "cpu":
+        tune_cpu_malloc()  # the loss's [chunk, V] buffers would be mmapped and faulted in every step (cpu_malloc.py)
     try:
         return _train(cfg, env, batch_hook)
     finally:
