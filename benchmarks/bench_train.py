@@ -141,7 +141,9 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
     }
 
 
-def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
+def _stream_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
+    """CacheStream over `cache` in this process (no workers, batches collated to tensors): tokens per wall second
+    and per CPU-second (process time: one core's worth of work), after the first batch (reader and first part)."""
     from logitcache.train.data import CacheStream
 
     it = iter(CacheStream(cache, seed=0, batch_count=batch))
@@ -152,6 +154,30 @@ def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
         tokens += int(next(it)["num_tokens"])
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     return {"tokens": tokens, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "cpu_util": cpu / wall}
+
+
+def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
+    """The loader on the k=64 cache `cache`, and (key "k128") on a k=128 twin written next to it with the same
+    vocabulary, lengths and number of sequences: the cost per token grows with the entries per position."""
+    from logitcache.storage import CacheReader
+
+    reader = CacheReader(cache)
+    twin = write_cache(
+        Path(cache).with_name(Path(cache).name.replace("k64", "k128")),
+        vocab=reader.vocab_size,
+        k=128,
+        num_sequences=int(reader.manifest["totals"]["num_sequences"]),
+        seq_len=int(reader.manifest["capture"]["max_seq_len"]),
+    )
+    return {**_stream_throughput(cache, batch, seconds), "k128": _stream_throughput(str(twin), batch, seconds)}
+
+
+def print_loader(loader: dict[str, Any]) -> None:
+    for k, row in (("64", loader), ("128", loader["k128"])):
+        print(
+            f"loader k={k}: {row['tokens_per_s']:.0f} tokens/s wall, {row['tokens_per_cpu_s']:.0f} tokens per "
+            f"CPU-second (one process, {row['cpu_util']:.2f} cores busy)"
+        )
 
 
 def parse_args() -> argparse.Namespace:
@@ -208,10 +234,7 @@ def print_report(report: dict[str, Any]) -> None:
         ],
     ]
     print(markdown_table(["step", "median ms", "peak MiB (growth)", "time ratio", "memory ratio"], rows))
-    print(
-        f"loader k=64: {loader['tokens_per_s']:.0f} tokens/s wall, {loader['tokens_per_cpu_s']:.0f} tokens per "
-        f"CPU-second (one process, {loader['cpu_util']:.2f} cores busy)"
-    )
+    print_loader(loader)
 
 
 def main() -> None:
