@@ -7,13 +7,17 @@ What is measured (CPU unless a GPU is present):
   (ru_maxrss) over its RSS just before the first step, i.e. what the step adds on top of the model and optimizer
   being resident (activations, logits, gradients, optimizer state once allocated). On CUDA it is
   torch.cuda.max_memory_allocated() minus the allocation before the first step.
-- variants: "ce_hf" = the usual HF step, model(input_ids, labels=...) (full [B, L, V] logits, CE in float32);
-  "kd_cache" = this package's step (alpha=0.5 forward KL on the bucketed support + CE, logits chunked by
-  --kd-chunk-size positions, recomputed in backward).
+- variants (VARIANTS): "ce_hf" = the usual HF step, model(input_ids, labels=...) (full [B, L, V] logits, CE in
+  float32); "ce_fused" = CE only (alpha=0) through this package's fused loss; "kd_fused" = this package's default
+  step (alpha=0.5 forward KL on the bucketed support + CE, train/fused.py); "kd_reference" = the same loss through the
+  reference implementation (autograd, logits chunked by --kd-chunk-size positions and recomputed in backward).
+- malloc: every variant runs with glibc's default malloc and "tuned" (train/cpu_malloc.py: no mmap, no trimming, what
+  train-student does on CPU); system time and minor page faults per step are reported next to the step time.
+- vocabularies: --vocabs (default 32,768 and 128,256), one synthetic k=64 cache each.
 - loader: CacheStream over a synthetic k=64 cache (ShardWriter, default codec), one process, no workers, batches
   collated to tensors; tokens per second of wall time and per CPU-second (process time, i.e. per core).
 
-Usage: python benchmarks/bench_train.py [--quick] [--json FILE]
+Usage: python benchmarks/bench_train.py [--quick] [--json FILE] [--vocabs 32768,128256] [--mallocs default,tuned]
 """
 
 from __future__ import annotations
@@ -80,23 +84,38 @@ def write_cache(path: Path, *, vocab: int, k: int, num_sequences: int, seq_len: 
     return path
 
 
-def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, chunk: int) -> dict[str, Any]:
-    """One variant in this (fresh) process: median step seconds and peak memory growth."""
+# name -> (alpha, fused): the four steps compared side by side. alpha=0.5 mixes KD with CE, as users train.
+VARIANTS = {
+    "ce_hf": (None, None),  # model(input_ids, labels=...): HF's own CE step, the baseline
+    "ce_fused": (0.0, True),  # CE only, through the fused loss (alpha=0)
+    "kd_fused": (0.5, True),  # KD + CE from the cache, fused (the default)
+    "kd_reference": (0.5, False),  # the same loss through the reference implementation (autograd + checkpointing)
+}
+
+
+def run_variant(
+    variant: str, cache: str, preset: str, batch: int, steps: int, chunk: int, malloc: str, vocab: int = 0
+) -> dict[str, Any]:
+    """One variant in this (fresh) process: median step seconds, peak memory growth, system time and page faults."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from logitcache.storage import CacheReader
     from logitcache.train.config import KDSettings
+    from logitcache.train.cpu_malloc import tune_cpu_malloc
     from logitcache.train.data import CacheStream
     from logitcache.train.student import PRESETS, DistillModel
 
+    tuned = malloc == "tuned" and tune_cpu_malloc()
     reader = CacheReader(cache)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("llama", vocab_size=reader.vocab_size, **PRESETS[preset])
     model = AutoModelForCausalLM.from_config(cfg).to(device)
-    dm = DistillModel(model, reader.vocab_size, KDSettings(alpha=0.5, chunk_size=chunk))
+    alpha, fused = VARIANTS[variant]
+    if alpha is not None:
+        dm = DistillModel(model, reader.vocab_size, KDSettings(alpha=alpha, chunk_size=chunk, fused_loss=fused))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     stream = iter(CacheStream(cache, seed=0, batch_count=batch))
     batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(steps)]
@@ -104,7 +123,7 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
 
     def step(b: dict[str, torch.Tensor]) -> None:
         with amp:
-            if variant == "ce_hf":
+            if alpha is None:
                 labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
                 loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
             else:
@@ -119,21 +138,28 @@ def run_variant(variant: str, cache: str, preset: str, batch: int, steps: int, c
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_bytes()
-    times = []
+    times, usage = [], []
     for b in batches:
+        usage.append(resource.getrusage(resource.RUSAGE_SELF))
         t = time.perf_counter()
         step(b)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    usage.append(resource.getrusage(resource.RUSAGE_SELF))
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    warm = times[2:] if len(times) > 3 else times
+    first = 2 if len(times) > 3 else 0  # warm-up steps left out of every figure
+    warm = times[first:]
+    u0, u1 = usage[first], usage[-1]
     return {
         "variant": variant,
+        "malloc": "tuned" if tuned else "default",
         "median_step_s": statistics.median(warm),
+        "sys_s_per_step": (u1.ru_stime - u0.ru_stime) / len(warm),
+        "minor_faults_per_step": (u1.ru_minflt - u0.ru_minflt) / len(warm),
         "peak_mem_bytes": int(peak),
         "tokens_per_step": int(batches[0]["num_tokens"]),
         "device": str(device),
@@ -184,6 +210,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Tiny sizes: only checks that the script runs.")
     ap.add_argument("--json", default=None, help="Also write the results to this file.")
+    ap.add_argument("--vocabs", default="32768,128256", help="Vocabulary sizes of the step benchmark's caches.")
+    ap.add_argument("--mallocs", default="default,tuned", help="glibc malloc settings: default, tuned (cpu_malloc.py).")
     ap.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_args", default=None, help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -201,39 +229,52 @@ def write_caches(quick: bool, vocab: int, seq_len: int) -> tuple[Path, Path]:
     return step_cache, load_cache
 
 
-def run_variants(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each step variant in a fresh subprocess (so that its peak memory is its own)."""
-    results = {}
-    for variant in ("ce_hf", "kd_cache"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--_variant", variant, "--_args", json.dumps(spec)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+def run_variants(spec: dict[str, Any], mallocs: list[str]) -> list[dict[str, Any]]:
+    """Each step variant in a fresh subprocess (so that its peak memory and its allocator settings are its own)."""
+    results = []
+    for malloc in mallocs:
+        for variant in VARIANTS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--_variant", variant, "--_args", json.dumps({**spec, "malloc": malloc})],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps({"vocab": spec["vocab"], **results[-1]}), file=sys.stderr, flush=True)
     return results
 
 
+def step_rows(vocab: int, results: list[dict[str, Any]]) -> list[list[str]]:
+    """Table rows: each variant against HF's CE step under the same allocator settings, and under the defaults."""
+    ce = {r["malloc"]: r for r in results if r["variant"] == "ce_hf"}
+    base = ce.get("default") or next(iter(ce.values()))
+    rows = []
+    for r in results:
+        same = ce[r["malloc"]]
+        rows.append(
+            [
+                f"{vocab:,}",
+                r["malloc"],
+                r["variant"],
+                f"{r['median_step_s'] * 1000:.0f}",
+                f"{r['sys_s_per_step']:.2f}",
+                f"{r['minor_faults_per_step'] / 1000:.0f}k",
+                f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                f"{r['median_step_s'] / same['median_step_s']:.2f}",
+                f"{r['median_step_s'] / base['median_step_s']:.2f}",
+                f"{r['peak_mem_bytes'] / max(same['peak_mem_bytes'], 1):.2f}",
+            ]
+        )
+    return rows
+
+
 def print_report(report: dict[str, Any]) -> None:
-    ce, kd, loader = report["ce_hf"], report["kd_cache"], report["loader_k64"]
-    rows = [
-        [
-            "CE-only (HF labels)",
-            f"{ce['median_step_s'] * 1000:.1f}",
-            f"{ce['peak_mem_bytes'] / 2**20:.1f}",
-            "1.00",
-            "1.00",
-        ],
-        [
-            "KD from cache (k=64)",
-            f"{kd['median_step_s'] * 1000:.1f}",
-            f"{kd['peak_mem_bytes'] / 2**20:.1f}",
-            f"{report['step_time_ratio']:.2f}",
-            f"{report['peak_mem_ratio']:.2f}",
-        ],
-    ]
-    print(markdown_table(["step", "median ms", "peak MiB (growth)", "time ratio", "memory ratio"], rows))
+    head = ["V", "malloc", "step", "median ms", "sys s/step", "faults/step", "peak MiB (growth)"]
+    head += ["time / ce_hf (same malloc)", "time / ce_hf (default malloc)", "memory / ce_hf"]
+    rows = [row for v, results in report["steps"].items() for row in step_rows(int(v), results)]
+    print(markdown_table(head, rows))
+    loader = report["loader_k64"]
     print_loader(loader)
 
 
@@ -244,30 +285,21 @@ def main() -> None:
         return
 
     quick = args.quick
-    vocab, seq_len = (512, 32) if quick else (32768, 256)
-    step_cache, load_cache = write_caches(quick, vocab, seq_len)
-    spec = {
-        "cache": str(step_cache),
-        "preset": "tiny-llama" if quick else "small-llama",
-        "batch": 2 if quick else 8,
-        "steps": 3 if quick else 8,
-        "chunk": 512,
-    }
-    results = run_variants(spec)
-    loader = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
-    ce, kd = results["ce_hf"], results["kd_cache"]
-    report = {
-        "student": spec["preset"],
-        "vocab": vocab,
-        "seq_len": seq_len,
-        "batch_sequences": spec["batch"],
-        "kd_chunk_positions": spec["chunk"],
-        "ce_hf": ce,
-        "kd_cache": kd,
-        "step_time_ratio": kd["median_step_s"] / ce["median_step_s"],
-        "peak_mem_ratio": kd["peak_mem_bytes"] / max(ce["peak_mem_bytes"], 1),
-        "loader_k64": loader,
-    }
+    vocabs = [512] if quick else [int(v) for v in args.vocabs.split(",")]
+    seq_len = 32 if quick else 256
+    report: dict[str, Any] = {"student": "tiny-llama" if quick else "small-llama", "seq_len": seq_len, "steps": {}}
+    for vocab in vocabs:
+        step_cache, load_cache = write_caches(quick, vocab, seq_len)
+        spec = {
+            "cache": str(step_cache),
+            "preset": report["student"],
+            "batch": 2 if quick else 8,
+            "steps": 3 if quick else 8,
+            "chunk": 512,
+        }
+        report["batch_sequences"], report["kd_chunk_positions"] = spec["batch"], spec["chunk"]
+        report["steps"][str(vocab)] = run_variants({**spec, "vocab": vocab}, args.mallocs.split(","))
+    report["loader_k64"] = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
