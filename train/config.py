@@ -173,6 +173,10 @@ class TrainConfig:
         8,
         "Parts (row groups, or slices of one) whose sequences each reader shuffles together: a shuffle buffer; more mixes better, each costs one decoded row group of memory.",
     )
+    pack: bool = option(
+        True,
+        "Pack several sequences per batch row (first fit, rows as wide as the batch's longest sequence) with position ids restarted and attention kept inside each sequence, so padding costs no compute. Used where it is exact: checked on the student at start-up (a packed probe against the same sequences padded); otherwise batches are padded, with a warning. With a token budget a packed batch takes more sequences.",
+    )
     eval_fraction: float = option(
         0.05, "Share of sequence ids held out (by a hash of the id) for evaluation; never trained on."
     )

@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from logitcache.storage import CachedSequence, CacheReader, document_id
 from logitcache.storage.records import TargetRowGroup
+from logitcache.train.packing import RowPacker, first_fit
 
 __all__ = [
     "splitmix64",
@@ -137,7 +138,11 @@ def _as_decoded(seqs: list[CachedSequence]) -> Decoded:
 
 
 def collate(
-    seqs: list[CachedSequence], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
+    seqs: list[CachedSequence],
+    vocab_size: int,
+    top_k_used: int | None = None,
+    epoch: int = 0,
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Pads sequences into a batch and gathers the teacher's sparse target view at the loss positions only.
 
@@ -152,49 +157,65 @@ def collate(
     Also `input_ids` int64 [B, L] (0-padded), `attention_mask` int64 [B, L], `num_tokens` (real tokens),
     `num_positions` and `epoch` (of the last row) int64 scalars, and `sequence_id` int64 [B].
 
+    pack=True lays the sequences out `first_fit` (train/packing.py) in rows as wide as the longest: [R, L] with
+    R <= B rows, the sequences (and `sequence_id`, `positions` and every per-position array) in row-major order, and
+    `attention_mask` numbering the sequences of each row 1, 2, ... (0 = padding). Rows of one sequence each give the
+    unpacked batch.
+
     topk/adaptive caches: entries beyond `top_k_used`, and ids outside the tokenizer's vocabulary (padded logit
     rows), are folded into the tail. Sampled caches refuse both (ValueError): a sampled id's weight stands for a share
     of the residual mass, and their loss has no tail bucket to fold it into.
     """
     part = _as_decoded(seqs)
-    return collate_rows([(part, i) for i in range(len(seqs))], vocab_size, top_k_used, epoch)
+    layout = first_fit([s.num_tokens for s in seqs]) if pack else None
+    return collate_rows([(part, i) for i in range(len(seqs))], vocab_size, top_k_used, epoch, layout)
 
 
 def collate_rows(
-    rows: list[tuple[Decoded, int]], vocab_size: int, top_k_used: int | None = None, epoch: int = 0
+    rows: list[tuple[Decoded, int]],
+    vocab_size: int,
+    top_k_used: int | None = None,
+    epoch: int = 0,
+    layout: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`collate` of the sequences `rows` (decoded part, row in it), in order: the loader's path, which copies each
-    sequence's slices of its part straight into the batch arrays."""
-    bsz = len(rows)
+    """`collate` of the sequences `rows` (decoded part, row in it): the loader's path, which copies each sequence's
+    slices of its part straight into the batch arrays. `layout`: packed rows, each a list of indices into `rows`
+    (`RowPacker.rows`); None: one row per sequence, in order."""
+    if layout is None:
+        layout = [[j] for j in range(len(rows))]
+    rows = [rows[j] for row in layout for j in row]  # row-major: the order of every per-sequence output
     lengths = np.array([d.lengths[i] for d, i in rows], dtype=np.int64)
     counts = [int(d.loss_offsets[i + 1] - d.loss_offsets[i]) for d, i in rows]
     width, n = int(lengths.max()), sum(counts)
     m = rows[0][0].group.target_ids.shape[1]
-    input_ids = np.zeros((bsz, width), dtype=np.int64)
-    attention = np.zeros((bsz, width), dtype=np.int64)
+    input_ids = np.zeros((len(layout), width), dtype=np.int64)
+    attention = np.zeros((len(layout), width), dtype=np.int64)
     positions = np.empty(n, dtype=np.int64)
     target_ids = np.empty((n, m), dtype=np.int64)
     target_probs = np.empty((n, m), dtype=np.float32)
     tail32 = np.empty(n, dtype=np.float32)
     next_lp = np.empty(n, dtype=np.float32)
-    o = 0
-    for b, ((d, i), q) in enumerate(zip(rows, counts)):
-        g = d.group
-        t0, p0, length = g.token_offsets[i], g.position_offsets[i], lengths[b]
-        input_ids[b, :length] = g.input_ids[t0 : t0 + length]
-        attention[b, :length] = 1
-        at: slice | np.ndarray
-        if d.dense[i]:
-            at = slice(p0, p0 + q)
-            positions[o : o + q] = np.arange(b * width, b * width + q)
-        else:
-            at = d.loss_rows[d.loss_offsets[i] : d.loss_offsets[i + 1]]
-            positions[o : o + q] = at + (b * width - p0)
-        target_ids[o : o + q] = g.target_ids[at]
-        target_probs[o : o + q] = g.target_probs[at]
-        tail32[o : o + q] = g.tail_mass[at]
-        next_lp[o : o + q] = g.next_token_logprobs[at]
-        o += q
+    o = j = 0
+    for r, row in enumerate(layout):
+        start = r * width  # flat index of the sequence's first token
+        for segment in range(1, len(row) + 1):
+            (d, i), q, length = rows[j], counts[j], int(lengths[j])
+            g = d.group
+            t0, p0 = g.token_offsets[i], g.position_offsets[i]
+            input_ids.flat[start : start + length] = g.input_ids[t0 : t0 + length]
+            attention.flat[start : start + length] = segment
+            at: slice | np.ndarray
+            if d.dense[i]:
+                at = slice(p0, p0 + q)
+                positions[o : o + q] = np.arange(start, start + q)
+            else:
+                at = d.loss_rows[d.loss_offsets[i] : d.loss_offsets[i + 1]]
+                positions[o : o + q] = at + (start - p0)
+            target_ids[o : o + q] = g.target_ids[at]
+            target_probs[o : o + q] = g.target_probs[at]
+            tail32[o : o + q] = g.tail_mass[at]
+            next_lp[o : o + q] = g.next_token_logprobs[at]
+            o, j, start = o + q, j + 1, start + length
     sampled = any(d.group.num_samples > 0 for d, _ in rows)
     # float64 accumulation only when entries fold into the tail; else clipping the float32 tail gives the same values
     tail_mass: np.ndarray = tail32
@@ -256,6 +277,10 @@ class CacheStream(IterableDataset):
     `split="eval"` the held-out sequences are read in storage order, batches dealt round-robin to ranks, and the
     pass stops after `max_sequences` held-out sequences (0: all); every rank yields the same number of batches, the
     ranks short of one padding with a `masked_batch` (0 loss positions).
+
+    `pack=True` packs each batch's sequences into rows (train/packing.py, `collate(pack=True)`). With a sequence
+    count, a batch holds the same sequences either way; with a token budget, sequences are added while the packed
+    rows x width stay within it, so a packed batch takes more sequences and the stream position records `pack`.
     """
 
     def __init__(
@@ -272,6 +297,7 @@ class CacheStream(IterableDataset):
         top_k_used: int | None = None,
         max_sequences: int = 0,
         shuffle_parts: int = 8,
+        pack: bool = False,
     ) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -283,8 +309,12 @@ class CacheStream(IterableDataset):
         self.batch_count, self.batch_unit = batch_count, batch_unit
         self.eval_fraction, self.rank, self.world_size = eval_fraction, rank, world_size
         self.top_k_used, self.max_sequences = top_k_used, max_sequences
-        self.shuffle_parts = shuffle_parts
-        self._state: dict[str, int] = {"epoch": 0, "block": 0, "row": 0, "shuffle_parts": shuffle_parts}
+        self.shuffle_parts, self.pack = shuffle_parts, pack
+        self._state = self._position(0, 0, 0)
+
+    def _position(self, epoch: int, block: int, row: int) -> dict[str, int]:
+        """The stream position (the state_dict): the next row to batch, and the settings it is only valid under."""
+        return {"epoch": epoch, "block": block, "row": row, "shuffle_parts": self.shuffle_parts, "pack": int(self.pack)}
 
     # torchdata's StatefulDataLoader calls these inside each worker process.
     def state_dict(self) -> dict[str, int]:
@@ -301,7 +331,14 @@ class CacheStream(IterableDataset):
                 f"data position was saved with shuffle_parts={state['shuffle_parts']}, this stream has "
                 f"shuffle_parts={self.shuffle_parts}: resume with the same value"
             )
-        self._state = {k: int(state[k]) for k in ("epoch", "block", "row", "shuffle_parts")}
+        # packing changes which sequences a token budget takes (a sequence count takes the same ones either way)
+        if self.batch_unit == "tokens" and int(state.get("pack", 0)) != int(self.pack):
+            saved = "--pack" if int(state.get("pack", 0)) else "--no-pack"
+            raise ValueError(
+                f"data position was saved with {saved} and a token budget, this stream has pack={self.pack}: the "
+                f"batches would differ; resume with {saved}"
+            )
+        self._state = self._position(int(state["epoch"]), int(state["block"]), int(state["row"]))
 
     def _rows(self, reader: CacheReader, part: tuple[int, int, int, int]) -> tuple[Decoded, np.ndarray]:
         """A part's decoded row group and the int64 indices of the part's rows in this split, in storage order."""
@@ -323,14 +360,20 @@ class CacheStream(IterableDataset):
         shuffled = np.concatenate(rows)
         return decoded, shuffled[rng.permutation(len(shuffled))]
 
-    def _full(self, count: int, width: int, length: int) -> bool:
-        """Whether adding a sequence of `length` tokens to `count` pending ones (the longest `width` tokens) would
-        overflow the batch (a batch always takes at least one sequence)."""
-        if not count:
+    def _full(self, pending: RowPacker, length: int) -> bool:
+        """Whether adding a sequence of `length` tokens to the pending ones would overflow the batch (a batch always
+        takes at least one sequence). A token budget counts padded tokens: (sequences + 1) x the longest, or once
+        packed, the packed rows x the longest."""
+        if not len(pending):
             return False
         if self.batch_unit == "sequences":
-            return count >= self.batch_count
-        return (count + 1) * max(width, length) > self.batch_count
+            return len(pending) >= self.batch_count
+        if self.pack:
+            return pending.cost(length) > self.batch_count
+        return (len(pending) + 1) * max(pending.width, length) > self.batch_count
+
+    def _collate(self, pending: list[tuple[Decoded, int]], packer: RowPacker, vocab: int, epoch: int = 0) -> Any:
+        return collate_rows(pending, vocab, self.top_k_used, epoch, packer.rows if self.pack else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -344,7 +387,8 @@ class CacheStream(IterableDataset):
             raise ValueError(f"{self.cache}: the cache holds no sequences to train on")
         vocab = reader.vocab_size
         pending: list[tuple[Decoded, int]] = []
-        width = empty_epochs = last_epoch = 0
+        packer = RowPacker(self.pack)
+        empty_epochs = last_epoch = 0
         size = self.shuffle_parts
         while True:
             epoch, start_block, start_row = self._state["epoch"], self._state["block"], self._state["row"]
@@ -357,15 +401,16 @@ class CacheStream(IterableDataset):
                 for r in range(start_row if blk == start_block else 0, len(rows)):
                     part, row = decoded[rows[r, 0]], int(rows[r, 1])
                     length = int(part.lengths[row])
-                    if self._full(len(pending), width, length):
-                        self._state = {"epoch": epoch, "block": blk, "row": r, "shuffle_parts": size}
-                        out, pending, width = pending, [], 0
-                        yield collate_rows(out, vocab, self.top_k_used, last_epoch)
+                    if self._full(packer, length):
+                        self._state = self._position(epoch, blk, r)
+                        batch = self._collate(pending, packer, vocab, last_epoch)
+                        pending, packer = [], RowPacker(self.pack)
+                        yield batch
                     pending.append((part, row))
-                    width = max(width, length)
+                    packer.add(length)
                     last_epoch = epoch
             # Next epoch; the batch in progress continues across the boundary (the stream is endless).
-            self._state = {"epoch": epoch + 1, "block": 0, "row": 0, "shuffle_parts": size}
+            self._state = self._position(epoch + 1, 0, 0)
             empty_epochs = empty_epochs + 1 if seen == 0 else 0
             if empty_epochs > 1 and not pending:
                 raise ValueError(
@@ -373,10 +418,11 @@ class CacheStream(IterableDataset):
                     "few row groups); lower --eval-fraction or --num-workers"
                 )
 
-    def _eval_batches(self, reader: CacheReader) -> Iterator[list[tuple[Decoded, int]]]:
+    def _eval_batches(self, reader: CacheReader) -> Iterator[tuple[list[tuple[Decoded, int]], RowPacker]]:
         """Every rank's held-out batches, in storage order (the same on all ranks), up to `max_sequences`."""
         pending: list[tuple[Decoded, int]] = []
-        taken = width = 0
+        packer = RowPacker(self.pack)
+        taken = 0
         for shard, group_index, rows in reader.row_groups():
             if rows == 0:
                 continue
@@ -385,16 +431,16 @@ class CacheStream(IterableDataset):
                 if self.max_sequences and taken >= self.max_sequences:
                     break
                 length = int(group.lengths[i])
-                if self._full(len(pending), width, length):
-                    yield pending
-                    pending, width = [], 0
+                if self._full(packer, length):
+                    yield pending, packer
+                    pending, packer = [], RowPacker(self.pack)
                 pending.append((group, int(i)))
-                width = max(width, length)
+                packer.add(length)
                 taken += 1
             if self.max_sequences and taken >= self.max_sequences:
                 break
         if pending:
-            yield pending
+            yield pending, packer
 
     def _iter_eval(self, reader: CacheReader) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of the held-out batches (round-robin), then masked batches up to the share of rank 0.
@@ -405,11 +451,11 @@ class CacheStream(IterableDataset):
         vocab = reader.vocab_size
         mine = total = 0
         filler: dict[str, torch.Tensor] | None = None
-        for index, seqs in enumerate(self._eval_batches(reader)):
+        for index, (seqs, packer) in enumerate(self._eval_batches(reader)):
             total += 1
             if index % self.world_size == self.rank:
                 mine += 1
-                yield collate_rows(seqs, vocab, self.top_k_used)
+                yield self._collate(seqs, packer, vocab)
             elif filler is None:
                 filler = masked_batch(collate_rows(seqs[:1], vocab, self.top_k_used))
         for _ in range(-(-total // self.world_size) - mine):

@@ -22,6 +22,7 @@ from logitcache.train.cpu_malloc import tune_cpu_malloc
 from logitcache.train.data import CacheStream, steps_for_epochs
 from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
 from logitcache.train.evaluate import evaluate
+from logitcache.train.packing import packing_problem
 from logitcache.train.student import DistillModel, Student, build_student
 
 __all__ = ["train", "RESUMABLE_CHANGES", "CONFIG_NAME", "METRICS_NAME"]
@@ -47,6 +48,7 @@ RESUMABLE_CHANGES = frozenset(
         "tokenizer",
         "student",
         "compile",
+        "pack",  # the same sequences per batch with a count; with a token budget the stream refuses a change
     }
 )
 
@@ -237,6 +239,9 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
         raise ConfigError("invalid training options for this cache:\n  - " + "\n  - ".join(problems))
     ckpt, state = _resume_point(run_dir, cfg, reader, env)
     student = build_student(str(ckpt) if ckpt else cfg.student, reader, cfg.tokenizer, cfg.seed)
+    if cfg.pack and (why := packing_problem(student.model)):
+        log.warning("not packing sequences (as --no-pack): %s", why)
+        cfg = cfg.replace(pack=False)
     if state is not None:
         cfg = cfg.replace(lr=state["lr"])
     elif cfg.lr is None:
@@ -348,6 +353,7 @@ def _loader(cfg: TrainConfig, env: DistEnv) -> Any:
         world_size=env.world_size,
         top_k_used=cfg.top_k_used,
         shuffle_parts=cfg.shuffle_parts,
+        pack=cfg.pack,
     )
     return StatefulDataLoader(
         stream,

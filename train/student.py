@@ -15,6 +15,7 @@ from logitcache.storage import CacheLayout, CacheReader, LMHeadTransform, tokeni
 from logitcache.train.config import DEFAULT_KD, KDSettings
 from logitcache.train.fused import fused_distillation_loss
 from logitcache.train.losses import LossParts, TeacherTargets, chunked_distillation_loss, kd_loss_per_position
+from logitcache.train.packing import decoder_inputs
 
 __all__ = [
     "PRESETS",
@@ -261,8 +262,10 @@ class DistillModel(nn.Module):
         return self.head_transform.apply(nn.functional.linear(hidden, *self.head_params()))
 
     def hidden_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [N, D] at `positions` (int64 [N] flat indices into input_ids' [B, L])."""
-        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        """Final hidden states [N, D] at `positions` (int64 [N] flat indices into input_ids' [B, L]). A packed batch
+        (`attention_mask` numbering each row's sequences) runs with position ids restarted at every sequence and a
+        block-causal mask (train/packing.py `decoder_inputs`), so each sequence sees only itself."""
+        out = self.model.get_decoder()(input_ids=input_ids, use_cache=False, **decoder_inputs(attention_mask))
         hidden = out.last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1])[positions]
 
