@@ -14,8 +14,11 @@ What is measured (CPU unless a GPU is present):
 - malloc: every variant runs with glibc's default malloc and "tuned" (train/cpu_malloc.py: no mmap, no trimming, what
   train-student does on CPU); system time and minor page faults per step are reported next to the step time.
 - vocabularies: --vocabs (default 32,768 and 128,256), one synthetic k=64 cache each.
-- loader: CacheStream over a synthetic k=64 cache (ShardWriter, default codec), one process, no workers, batches
-  collated to tensors; tokens per second of wall time and per CPU-second (process time, i.e. per core).
+- loader: CacheStream over a synthetic k=64 cache (ShardWriter, default codec) and its k=128 twin, one process, no
+  workers, batches collated to tensors; tokens per second of wall time and per CPU-second (process time, i.e. per
+  core). Padding share (padded tokens / all tokens of one epoch's batches) with and without --pack, at 8 sequences
+  and at 4096 tokens per batch, on the caches with real lengths that exist here: `make demo`'s demo_out/cache and
+  bench_targets.py's cache (the synthetic caches' sequences all have one length: no padding).
 
 Usage: python benchmarks/bench_train.py [--quick] [--json FILE] [--vocabs 32768,128256] [--mallocs default,tuned]
 """
@@ -34,7 +37,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, out_dir
+from _common import BENCH_OUT, ROOT, markdown_table, out_dir
+
+# Caches with real sequence lengths (documents cut into windows) for the padding share, when they have been built.
+PADDING_CACHES = {"demo": ROOT / "demo_out" / "cache", "bench_targets": BENCH_OUT / "targets" / "cache-trained"}
 
 
 def _rss_bytes() -> int:
@@ -195,7 +201,30 @@ def loader_throughput(cache: str, batch: int, seconds: float) -> dict[str, Any]:
         num_sequences=int(reader.manifest["totals"]["num_sequences"]),
         seq_len=int(reader.manifest["capture"]["max_seq_len"]),
     )
-    return {**_stream_throughput(cache, batch, seconds), "k128": _stream_throughput(str(twin), batch, seconds)}
+    caches = {"loader_k64": Path(cache), **{k: v for k, v in PADDING_CACHES.items() if (v / "manifest.json").exists()}}
+    return {
+        **_stream_throughput(cache, batch, seconds),
+        "k128": _stream_throughput(str(twin), batch, seconds),
+        "padding": [padding_share(str(path), name, *size) for name, path in caches.items() for size in BATCHES],
+    }
+
+
+BATCHES = ((8, "sequences"), (4096, "tokens"))  # the padding share's batch sizes: train-student's default, a budget
+
+
+def padding_share(cache: str, name: str, count: int, unit: str) -> dict[str, Any]:
+    """Padded tokens / all tokens of the batches of one training epoch (seed 0, 5% held out), padded and packed."""
+    from logitcache.train.data import CacheStream
+
+    row: dict[str, Any] = {"cache": name, "batch": f"{count} {unit}"}
+    for pack in (False, True):
+        real = total = batches = 0
+        for b in CacheStream(cache, seed=0, batch_count=count, batch_unit=unit, eval_fraction=0.05, pack=pack):
+            if int(b["epoch"]) > 0:
+                break
+            real, total, batches = real + int(b["num_tokens"]), total + b["input_ids"].numel(), batches + 1
+        row["packed" if pack else "padded"] = {"padding_share": 1 - real / total, "batches": batches, "tokens": total}
+    return row
 
 
 def print_loader(loader: dict[str, Any]) -> None:
@@ -204,6 +233,17 @@ def print_loader(loader: dict[str, Any]) -> None:
             f"loader k={k}: {row['tokens_per_s']:.0f} tokens/s wall, {row['tokens_per_cpu_s']:.0f} tokens per "
             f"CPU-second (one process, {row['cpu_util']:.2f} cores busy)"
         )
+    rows = [
+        [
+            r["cache"],
+            r["batch"],
+            *(f"{r[m]['padding_share']:.1%} ({r[m]['batches']} batches)" for m in ("padded", "packed")),
+            f"{r['packed']['tokens'] / r['padded']['tokens']:.2f}",
+        ]
+        for r in loader["padding"]
+    ]
+    head = ["cache", "batch size", "padding share, padded", "packed (--pack)", "batch tokens, packed / padded"]
+    print(markdown_table(head, rows))
 
 
 def parse_args() -> argparse.Namespace:
