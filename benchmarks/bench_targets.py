@@ -30,8 +30,20 @@ per-seed order), lr 3e-3 cosine, 150 held-out windows; sized so that 2 regimes x
 minutes on 2 shared cores with --jobs 2, the default (one process per regime, 1 thread each; CE only is trained in both, the
 same student). Teacher: `--teacher DIR` replaces the benchmark teacher (same tokenizer as the benchmark data).
 
+Equal wall-clock time (--equal-time, issue 11): KD from the cache against CE only given the same time, not the same
+steps. In each regime's process, at its own shapes, the wall time of one training step (the same function as the
+training loop: collate -> DistillModel -> clip -> AdamW -> schedule) is measured for each compared KD row (default
+sampled N=24 r=0, the cache default, and topk k=64; alpha=1) and for CE only (alpha=0, the same DistillModel path),
+on one student and the same batches, interleaved (the order rotated every repetition) after warm-up; R = the larger
+KD row's median of the per-repetition ratios KD / CE. The row "CE only, equal time" trains for ceil(R x steps) steps:
+the KD rows' per-seed order of their windows, continued with further windows of the training data that no row sees
+(in a per-seed order; a second pass over all of them only if the data runs out), its cosine schedule over its own
+steps. Table: held-out CE and KL of every row, paired per seed against the equal-time CE row, with 95% t-intervals;
+CE only at equal steps and full KD kept for reference. Writes results/targets-equal-time.{json,md}.
+
     python benchmarks/bench_targets.py            # the tables in BENCHMARKS.md (2 regimes x 16 rows x 5 seeds)
     python benchmarks/bench_targets.py --quick    # the test-sized teacher, 1 seed, 3 steps: checks it runs
+    python benchmarks/bench_targets.py --equal-time   # KD vs CE only at equal wall-clock time (2 regimes x 5 seeds)
 """
 
 from __future__ import annotations
@@ -57,13 +69,15 @@ from _common import ROOT, ensure_teacher, markdown_table, out_dir
 from logitcache.storage import CachedSequence, TargetSpec
 
 RESULTS = ROOT / "benchmarks" / "results"
+EQUAL_TIME_ROW = "CE only, equal time"
+EQUAL_TIME_KD_ROWS = ("sampled N=24 r=0", "topk k=64")  # --equal-time's default rows: the cache default and topk-64
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    kind: str  # "ce" | "full" | "cache"
+    kind: str  # "ce" | "full" | "cache" | "ce_time" (CE only for ceil(R x steps) steps, --equal-time)
     spec: TargetSpec | None = None
 
     def spec_for(self, seed: int) -> TargetSpec:
@@ -80,6 +94,13 @@ def rows() -> list[Row]:
             out.append(Row(f"sampled N={n} r={r}", "cache", TargetSpec("sampled", exact_top=r, samples=n)))
     out += [Row(f"adaptive p={p}", "cache", TargetSpec("adaptive", top_k=128, top_p=p)) for p in (0.9, 0.99)]
     return out
+
+
+def selected_rows(st: Settings) -> list[Row]:
+    """The rows a run trains: CE only and full KD always, the cache rows in st.row_names (all without it), and the
+    equal-time CE row with --equal-time."""
+    out = [r for r in rows() if not st.row_names or r.name in st.row_names or r.kind != "cache"]
+    return out + ([Row(EQUAL_TIME_ROW, "ce_time")] if st.equal_time else [])
 
 
 @dataclass(frozen=True)
@@ -102,10 +123,16 @@ class Settings:
     regimes: tuple[str, ...] = ("trained", "sharpened")
     row_names: tuple[str, ...] = ()  # only these rows (default: all)
     no_fidelity: bool = False
+    equal_time: bool = False  # add "CE only, equal time": ceil(R x steps) steps, R = KD / CE step time (measured)
+    timing_warmup: int = 5  # repetitions (one step of each compared row) discarded before timing R
+    timing_reps: int = 60  # timed repetitions
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(seeds=(0,), steps=3, train_windows=24, heldout_windows=4, fidelity_windows=2, fidelity_seeds=2)
+        return cls(
+            seeds=(0,), steps=3, train_windows=24, heldout_windows=4, fidelity_windows=2, fidelity_seeds=2,
+            timing_warmup=1, timing_reps=3,
+        )  # fmt: skip
 
 
 def stat_ci(xs: Sequence[float]) -> tuple[float, float]:
@@ -368,39 +395,121 @@ def new_student(vocab: int, seed: int) -> Any:
     return model
 
 
-def train_student(
-    targets: FullTargets | CachedTargets, vocab: int, seed: int, alpha: float, mode: str, st: Settings
-) -> tuple[Any, float]:
-    """Trains a fresh student (init and batch order from `seed`) for st.steps; returns (model, seconds).
+def data_order(seed: int, first: int, total: int) -> np.ndarray:
+    """Window indices in training order: a per-seed permutation of the first `first` windows (every row's data),
+    continued by a per-seed permutation of windows first..total-1 (the equal-time CE row's further windows)."""
+    order = np.random.default_rng(seed).permutation(first)
+    if total > first:
+        order = np.concatenate([order, first + np.random.default_rng([seed, 1]).permutation(total - first)])
+    return order
 
-    The step is the trainer's: collate -> DistillModel (chunked loss) -> clip -> AdamW(0.9, 0.95) -> cosine with
-    warmup, at TrainConfig's defaults for weight decay and the clip norm.
-    """
+
+def optimizer(dm: Any, st: Settings, steps: int) -> tuple[Any, Any]:
+    """AdamW(0.9, 0.95) at TrainConfig's weight decay (none on vectors) and a cosine schedule with warmup."""
     import torch
     from transformers import get_scheduler
 
     from logitcache.train.config import TrainConfig
-    from logitcache.train.student import DistillModel
 
-    defaults = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
-    model = new_student(vocab, seed)
-    dm = DistillModel(model, vocab, kd_settings(alpha, mode))
+    wd = TrainConfig.__dataclass_fields__["weight_decay"].default
     decay = [p for p in dm.parameters() if p.ndim >= 2]
     no_decay = [p for p in dm.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": defaults["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.95))
-    sched = get_scheduler("cosine", opt, num_warmup_steps=round(st.warmup * st.steps), num_training_steps=st.steps)
-    order = np.random.default_rng(seed).permutation(st.train_windows)
+    return opt, get_scheduler("cosine", opt, num_warmup_steps=round(st.warmup * steps), num_training_steps=steps)
+
+
+def train_step(targets: FullTargets | CachedTargets, dm: Any, idx: np.ndarray, opt: Any, sched: Any) -> None:
+    """One optimizer step on the windows `idx`: the trainer's collate -> DistillModel loss -> backward -> clip (at
+    TrainConfig's clip norm) -> AdamW -> schedule."""
+    import torch
+
+    from logitcache.train.config import TrainConfig
+
+    targets.loss(dm, idx).backward()
+    torch.nn.utils.clip_grad_norm_(dm.parameters(), TrainConfig.__dataclass_fields__["max_grad_norm"].default)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train_student(
+    targets: FullTargets | CachedTargets,
+    vocab: int,
+    seed: int,
+    alpha: float,
+    mode: str,
+    st: Settings,
+    steps: int | None = None,
+    windows: int | None = None,
+) -> tuple[Any, float]:
+    """Trains a fresh student (init and batch order from `seed`) for `steps` (default st.steps) on `windows` training
+    windows (default st.train_windows, see data_order); returns (model, seconds).
+
+    The step is the trainer's (train_step): collate -> DistillModel (fused loss) -> clip -> AdamW(0.9, 0.95) ->
+    cosine with warmup, at TrainConfig's defaults for weight decay and the clip norm.
+    """
+    from logitcache.train.student import DistillModel
+
+    steps = steps or st.steps
+    model = new_student(vocab, seed)
+    dm = DistillModel(model, vocab, kd_settings(alpha, mode))
+    opt, sched = optimizer(dm, st, steps)
+    order = data_order(seed, st.train_windows, windows or st.train_windows)
     t0 = time.perf_counter()
     dm.train()
-    for step in range(st.steps):
-        idx = order[(np.arange(st.batch_size) + step * st.batch_size) % len(order)]
-        targets.loss(dm, idx).backward()
-        torch.nn.utils.clip_grad_norm_(dm.parameters(), defaults["max_grad_norm"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    for step in range(steps):
+        train_step(targets, dm, order[(np.arange(st.batch_size) + step * st.batch_size) % len(order)], opt, sched)
     return model.eval(), time.perf_counter() - t0
+
+
+def step_costs(
+    train_w: Sequence[np.ndarray], row_seqs: dict[str, list[CachedSequence]], vocab: int, st: Settings
+) -> dict[str, Any]:
+    """Wall seconds of one training step of each KD row in `row_seqs` (name -> its cache's sequences; alpha=1) and
+    of CE only (alpha=0), on one student (seed st.seeds[0]) and the same batches: per repetition one step of each
+    row, in an order rotated every repetition, st.timing_warmup repetitions discarded. Per KD row the median of the
+    per-repetition ratios KD / CE, with a distribution-free 95% interval of that median; R = the largest median."""
+    from logitcache.train.student import DistillModel
+
+    seed = st.seeds[0]
+    model = new_student(vocab, seed)
+    kinds: dict[str, tuple[CachedTargets, Any]] = {
+        "CE only": (CachedTargets(NoTargets(train_w)), kd_settings(0.0, "topk"))
+    }
+    by_name = {r.name: r for r in rows()}
+    for name, seqs in row_seqs.items():
+        spec = by_name[name].spec
+        assert spec is not None
+        kinds[name] = (CachedTargets(seqs), kd_settings(1.0, spec.mode))
+    dms = {name: DistillModel(model, vocab, kd) for name, (_, kd) in kinds.items()}  # one student, shared weights
+    total = st.timing_warmup + st.timing_reps
+    opt, sched = optimizer(dms["CE only"], st, total * len(kinds))
+    order = data_order(seed, st.train_windows, st.train_windows)
+    names = list(kinds)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    model.train()
+    for rep in range(total):
+        idx = order[(np.arange(st.batch_size) + rep * st.batch_size) % len(order)]
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            t0 = time.perf_counter()
+            train_step(kinds[name][0], dms[name], idx, opt, sched)
+            if rep >= st.timing_warmup:
+                secs[name].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {
+        "reps": st.timing_reps,
+        "warmup": st.timing_warmup,
+        "median_step_seconds": {n: statistics.median(v) for n, v in secs.items()},
+        "ratio": {},
+    }
+    n = st.timing_reps
+    lo, hi = max(math.floor(n / 2 - 0.98 * math.sqrt(n)), 0), min(math.ceil(n / 2 + 0.98 * math.sqrt(n)), n - 1)
+    for name in row_seqs:
+        ratios = sorted(k / c for k, c in zip(secs[name], secs["CE only"]))
+        out["ratio"][name] = {"median": statistics.median(ratios), "ci95": [ratios[lo], ratios[hi]]}
+    out["R"] = max((r["median"] for r in out["ratio"].values()), default=1.0)
+    out["ce_steps"] = math.ceil(out["R"] * st.steps)
+    return out
 
 
 class HeldOut:
@@ -488,8 +597,10 @@ def gradient_fidelity(
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def summarise(results: list[dict[str, Any]], regime: str, row_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per row of a regime: means with 95% t-intervals, shares of the full-KD gain, paired differences."""
+def summarise(
+    results: list[dict[str, Any]], regime: str, row_names: Sequence[str], refs: Sequence[str] = ("full KD", "topk k=64")
+) -> list[dict[str, Any]]:
+    """Per row of a regime: means with 95% t-intervals, shares of the full-KD gain, paired differences vs `refs`."""
     by = {(r["row"], r["seed"]): r for r in results if r["regime"] == regime}
     seeds = sorted({s for (_, s) in by})
     out = []
@@ -507,10 +618,12 @@ def summarise(results: list[dict[str, Any]], regime: str, row_names: Sequence[st
                 if ce_r and full_r and ce_r[m] != full_r[m]:
                     shares.append((ce_r[m] - r[m]) / (ce_r[m] - full_r[m]))
             row[f"share_{m}"] = stat_ci(shares) if shares else None
-            for ref in ("full KD", "topk k=64"):
+            for ref in refs:
                 d = [r[m] - by[(ref, r["seed"])][m] for r in rs if (ref, r["seed"]) in by]
                 row[f"d_{m}_vs_{ref}"] = stat_ci(d) if d else None
         row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in rs)
+        if "steps" in rs[0]:
+            row["steps"] = rs[0]["steps"]
         out.append(row)
     return out
 
@@ -616,15 +729,61 @@ def goals(regime: str, summary: list[dict[str, Any]], base: float) -> str:
     )
 
 
+def equal_time_tables(doc: dict[str, Any]) -> str:
+    """--equal-time: per regime, R as measured, then every row against CE only at equal wall-clock time."""
+    parts = []
+    for regime, summary in doc["summary"].items():
+        st, tm = doc["regimes"][regime], doc["timing"][regime]
+        ce_secs = next(r["train_seconds"] for r in summary if r["row"] == "CE only")
+        ratios = "; ".join(
+            f"{name} / CE only {r['median']:.3f} (95% interval of the median {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f})"
+            for name, r in tm["ratio"].items()
+        )
+        steps = ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in tm["median_step_seconds"].items())
+        parts.append(
+            f"#### Regime `{regime}`: mean entropy {st['entropy']:.2f} nats, top-1 p {st['top1_prob']:.2f}\n\n"
+            f"Step time ratio, median over {tm['reps']} interleaved repetitions after {tm['warmup']} of warm-up: "
+            f"{ratios}. R = {tm['R']:.3f}: {EQUAL_TIME_ROW} trains for {tm['ce_steps']} steps on "
+            f"{tm['ce_windows']} windows. Median step: {steps}.\n"
+        )
+        body = [
+            [
+                r["row"],
+                r.get("steps", "-"),
+                f"{r['train_seconds']:.1f} ({r['train_seconds'] / ce_secs:.2f}x)",
+                _pm(r["ce"], ".4f"),
+                _pm(r["kl"], ".4f"),
+                _pm(r["top1"], ".3f"),
+                _pm(r[f"d_ce_vs_{EQUAL_TIME_ROW}"], ".4f", True),
+                _pm(r[f"d_kl_vs_{EQUAL_TIME_ROW}"], ".4f", True),
+            ]
+            for r in summary
+        ]
+        header = [
+            "row",
+            "steps",
+            "train s (x CE only)",
+            "held-out CE",
+            "held-out KL, full vocab",
+            "top-1 agree",
+            "CE - CE equal time (paired)",
+            "KL - CE equal time (paired)",
+        ]
+        parts.append(markdown_table(header, body) + "\n")
+    return "\n".join(parts)
+
+
 def write_outputs(doc: dict[str, Any], out: Path, quick: bool) -> None:
-    text = tables(doc)
-    (out / "targets.json").write_text(json.dumps(doc, indent=1))
-    (out / "targets.md").write_text(text)
+    name = "targets-equal-time" if doc["settings"]["equal_time"] else "targets"
+    text = equal_time_tables(doc) if doc["settings"]["equal_time"] else tables(doc)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{name}.md").write_text(text)
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "targets.json").write_text(json.dumps(doc, indent=1))
-        (RESULTS / "targets.md").write_text(text)
-        plot(doc, RESULTS / "targets.png")
+        (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1))
+        (RESULTS / f"{name}.md").write_text(text)
+        if name == "targets":
+            plot(doc, RESULTS / "targets.png")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -719,32 +878,47 @@ def run_regime(job: Job) -> dict[str, Any]:
     train_lp = torch.log_softmax(teacher_logits(job.model_dir, train_w), -1)
     vocab = int(train_lp.shape[1])
     out: dict[str, Any] = {"results": [], "baseline": naive_baseline_bytes(train_w, train_lp), "fidelity": {}}
-    all_rows = [r for r in rows() if not st.row_names or r.name in st.row_names or r.kind != "cache"]
+    all_rows = selected_rows(st)
     captured: dict[TargetSpec, tuple[float, list[CachedSequence]]] = {}
+
+    def capture(spec: TargetSpec) -> tuple[float, list[CachedSequence]]:
+        if spec not in captured:  # topk/adaptive captures do not depend on the seed: written once
+            cache = job.work / f"cache-{job.regime}"
+            captured[spec] = write_and_read(cache, train_w, train_lp, spec, st.codec, st.max_seq_len)
+        return captured[spec]
+
+    ce_steps, ce_w = st.steps, train_w
+    if st.equal_time:
+        kd_rows = [r for r in all_rows if r.kind == "cache"]
+        out["timing"] = step_costs(train_w, {r.name: capture(r.spec_for(st.seeds[0]))[1] for r in kd_rows}, vocab, st)
+        ce_steps = out["timing"]["ce_steps"]
+        ce_w = load_windows(job.data / "train.jsonl", job.model_dir, st.max_seq_len, ce_steps * st.batch_size)
+        out["timing"]["ce_windows"] = len(ce_w)
+        print(f"{job.regime} step cost: {json.dumps(out['timing'])}", flush=True)
     for seed in st.seeds:
         for row in all_rows:
             t0 = time.perf_counter()
             bpt: float | None = None
-            mode, alpha = "topk", 1.0
+            mode, alpha, steps, windows = "topk", 1.0, st.steps, st.train_windows
             if row.kind == "ce":
                 targets: FullTargets | CachedTargets = CachedTargets(NoTargets(train_w))
                 alpha = 0.0
+            elif row.kind == "ce_time":
+                targets, alpha, steps, windows = CachedTargets(NoTargets(ce_w)), 0.0, ce_steps, len(ce_w)
             elif row.kind == "full":
                 targets = FullTargets(train_w, train_lp)
             else:
                 spec = row.spec_for(seed)
                 mode = spec.mode
-                if spec not in captured:  # topk/adaptive captures do not depend on the seed: written once
-                    cache = job.work / f"cache-{job.regime}"
-                    captured[spec] = write_and_read(cache, train_w, train_lp, spec, st.codec, st.max_seq_len)
-                bpt, seqs = captured[spec]
+                bpt, seqs = capture(spec)
                 if mode == "sampled":
                     del captured[spec]
                 targets = CachedTargets(seqs)
             cap = time.perf_counter() - t0
-            model, secs = train_student(targets, vocab, seed, alpha, mode, st)
+            model, secs = train_student(targets, vocab, seed, alpha, mode, st, steps, windows)
             m = held.metrics(held.student_logprobs(model, vocab), held_lp)
             rec = {"regime": job.regime, "row": row.name, "seed": seed, "train_seconds": secs, "capture_seconds": cap}
+            rec["steps"] = steps
             out["results"].append(rec | ({"bytes_per_token": bpt} if bpt is not None else {}) | m)
             print(
                 f"{job.regime} seed {seed} {row.name:22s} KL {m['kl']:.4f} CE {m['ce']:.4f} top1 {m['top1']:.3f} "
@@ -782,6 +956,12 @@ def main() -> int:
     ap.add_argument("--rows", nargs="+", help="only these rows (names as in the table)")
     ap.add_argument("--regimes", nargs="+", choices=["trained", "sharpened"])
     ap.add_argument("--no-fidelity", action="store_true")
+    ap.add_argument(
+        "--equal-time",
+        action="store_true",
+        help=f"KD vs CE only at equal wall-clock time: adds {EQUAL_TIME_ROW!r} (ceil(R x steps) steps, R measured); "
+        f"rows default to {', '.join(EQUAL_TIME_KD_ROWS)}; no gradient fidelity; results/targets-equal-time.*",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="regimes run in parallel processes (1 thread each)")
     ap.add_argument(
         "--teacher",
@@ -799,6 +979,8 @@ def main() -> int:
         changes["row_names"] = tuple(args.rows)
     if args.regimes:
         changes["regimes"] = tuple(args.regimes)
+    if args.equal_time:
+        changes.update(equal_time=True, no_fidelity=True, row_names=changes.get("row_names", EQUAL_TIME_KD_ROWS))
     st = Settings(**{**asdict(st), **changes})
     import torch
 
@@ -814,7 +996,7 @@ def main() -> int:
     )
     build = ensure_teacher(args.quick)
     teacher = args.teacher or build / "teacher"
-    work = out_dir("targets-quick" if args.quick else "targets")
+    work = out_dir("targets" + ("-equal-time" if st.equal_time else "") + ("-quick" if args.quick else ""))
     regimes = prepare_regimes(build, teacher, st, work)
     jobs = [Job(name, model_dir, build / "data", work, st) for name, model_dir, _ in regimes]
     if args.jobs > 1:
@@ -825,7 +1007,7 @@ def main() -> int:
             parts = list(pool.map(run_regime, jobs))
     else:
         parts = [run_regime(j) for j in jobs]
-    row_names = [r.name for r in rows() if not st.row_names or r.name in st.row_names or r.kind != "cache"]
+    row_names = [r.name for r in selected_rows(st)]
     results = [r for part in parts for r in part["results"]]
     doc: dict[str, Any] = {
         "command": cmd,
@@ -840,8 +1022,11 @@ def main() -> int:
         "wall_seconds": time.perf_counter() - t_start,
         "results": results,
     }
+    if st.equal_time:
+        doc["timing"] = {j.regime: p["timing"] for j, p in zip(jobs, parts)}
+        doc["summary"] = {j.regime: summarise(results, j.regime, row_names, (EQUAL_TIME_ROW,)) for j in jobs}
     write_outputs(doc, work, args.quick)
-    print(tables(doc))
+    print(equal_time_tables(doc) if st.equal_time else tables(doc))
     print(f"total {doc['wall_seconds']:.0f} s")
     return 0
 
