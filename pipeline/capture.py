@@ -118,6 +118,12 @@ def build_header(
             "tail_method": tail_method,
             "chat_template_sha256": chat_template_sha256(tok) if cfg.messages_field else None,
             "add_special_tokens": cfg.messages_field is None,
+            # only when not the default (assistant), so caches made before --train-roles keep their identity
+            **(
+                {"train_roles": list(cfg.train_role_names)}
+                if cfg.messages_field and cfg.train_roles != "assistant"
+                else {}
+            ),
         },
         "dataset": {
             "source": Path(data.source).name if Path(data.source).exists() else data.source,

@@ -6,7 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from logitcache.pipeline.data import WindowSettings
+from logitcache.pipeline.data import WindowSettings, parse_train_roles
 from logitcache.storage.options import flag_name, load_config_file, option, settings_from
 from logitcache.storage.targets import TARGET_MODES, TargetSpec
 
@@ -76,7 +76,11 @@ class CaptureConfig:
     text_field: str = option("text", "Column holding plain text (used when `--messages-field` is not given).")
     messages_field: str | None = option(
         None,
-        "Column holding chat `messages` ([{role, content}]); rendered with the teacher's chat template and masked so only assistant tokens are training targets.",
+        "Column holding chat `messages` ([{role, content}], roles system/user/assistant/tool); rendered with the teacher's chat template and masked so only the turns of --train-roles are training targets.",
+    )
+    train_roles: str = option(
+        "assistant",
+        "Chat data: comma-separated roles whose turns are training targets, of system, user, assistant (every turn of them, in multi-turn chats too). Never `tool`: tool outputs come from the environment, not the model.",
     )
     split: str = option("train", "Dataset split (local files have only `train`).")
     limit: int | None = option(None, "Use only the first `limit` rows of the split (before the replica split).")
@@ -126,6 +130,10 @@ class CaptureConfig:
         if self.backend not in BACKENDS:
             errors.append(f"`--backend` must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         errors.extend(self._target_problems())
+        try:  # a YAML list or "assistant, user" -> the canonical "assistant,user" (saved in the config)
+            object.__setattr__(self, "train_roles", ",".join(parse_train_roles(self.train_roles)))
+        except ValueError as e:
+            errors.append(str(e))
         if self.max_seq_len is not None and self.max_seq_len < 2:
             errors.append(
                 f"`--max-seq-len` must be >= 2, a sequence needs one position to predict (got {self.max_seq_len})"
@@ -190,7 +198,12 @@ class CaptureConfig:
 
     def window_settings(self, max_seq_len: int) -> WindowSettings:
         """How this capture turns rows into windows, with the resolved `max_seq_len` (see resolve_max_seq_len)."""
-        return settings_from(WindowSettings, self, max_seq_len=max_seq_len)
+        return settings_from(WindowSettings, self, max_seq_len=max_seq_len, train_roles=self.train_role_names)
+
+    @property
+    def train_role_names(self) -> tuple[str, ...]:
+        """`--train-roles` as a tuple: ("assistant",) by default."""
+        return tuple(self.train_roles.split(","))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (what the cache header stores under "config")."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 MAX_WINDOWS = 1 << WINDOW_BITS
 # `datasets` builder per file extension, for local files and directories.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+# Roles whose turns `--train-roles` may put in the loss mask; `tool` turns (the environment's output) never are.
+TRAINABLE_ROLES = ("system", "user", "assistant")
+TRAIN_ROLES_DEFAULT = ("assistant",)
 
 
 class BadRowError(ValueError):
@@ -37,6 +40,11 @@ class BadRowError(ValueError):
         super().__init__(detail or reason)
         self.reason = reason
         self.detail = detail
+
+
+class UnsupportedRoleError(ValueError):
+    """The chat template cannot render a role of a chat (e.g. `tool`): not a bad row but a template that does not
+    fit the dataset, so it stops the capture whatever `--strict` says; iter_windows adds the row to the message."""
 
 
 @dataclass
@@ -131,8 +139,16 @@ def chat_template_sha256(tokenizer: Any) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _check_messages(messages: Any) -> str | None:
-    """Skip reason for a malformed `messages` value, else None."""
+def _check_messages(messages: Any, train_roles: tuple[str, ...]) -> str | None:
+    """Skip reason for a malformed `messages` value (or one without a turn of `train_roles`), else None."""
+    reason = chat_problem(messages)
+    if reason is None and not any(m["role"] in train_roles for m in messages):
+        return "no_assistant_turn" if train_roles == TRAIN_ROLES_DEFAULT else "no_train_roles_turn"
+    return reason
+
+
+def chat_problem(messages: Any) -> str | None:
+    """Skip reason for a `messages` value that is not a list of {role, content} turns with encodable text."""
     if messages is None:
         return "missing_field"
     if not isinstance(messages, list):
@@ -144,9 +160,22 @@ def _check_messages(messages: Any) -> str | None:
             return "not_messages"
         if not _encodable(m["content"]):
             return "undecodable"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no_assistant_turn"
     return None
+
+
+def clean_messages(messages: Any) -> Any:
+    """A chat as a template expects it: keys `datasets` filled with None dropped (rows of one JSONL file share one
+    schema, so a turn without `tool_calls` gets `tool_calls: None`), and an assistant turn that only calls tools
+    given `content: ""`. Anything that is not a list of dicts is returned as is (`chat_problem` names it)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if "content" not in m and m.get("tool_calls"):
+            m["content"] = ""
+        out.append(m)
+    return out
 
 
 def _encodable(text: str) -> bool:
@@ -157,44 +186,129 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[np.ndarray, np.ndarray]:
-    """Chat -> (input_ids int32 [L], loss_mask bool [L]) with True on assistant tokens only.
+def parse_train_roles(value: str | Sequence[str]) -> tuple[str, ...]:
+    """`--train-roles`: "assistant,user" (or a list) -> ("assistant", "user"); ValueError naming the flag.
 
-    Templates with `{% generation %}` markers use transformers' assistant mask; others are rendered turn by turn and
-    each assistant reply's characters (after the generation prompt, through the end of the turn) are mapped to
-    tokens through the offsets, which needs a template whose rendering of a prefix is a prefix of the whole: a
-    conversation rendered otherwise (a template that rewrites earlier turns) raises BadRowError.
+    `tool` is refused: a tool's output is written by the environment, not by the model, so a student trained to
+    predict it learns to make up tool results (and the teacher's guess at them is no target worth storing).
     """
-    template = tokenizer.chat_template or ""
-    if "{% generation %}" in template or "{%- generation %}" in template:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    if not isinstance(value, (str, list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"`--train-roles` must be comma-separated role names (got {value!r})")
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    roles = tuple(dict.fromkeys(n for n in names if n))
+    if not roles:
+        raise ValueError(f"`--train-roles` names no role (got {value!r}); e.g. `--train-roles assistant`")
+    if "tool" in roles:
+        raise ValueError(
+            "`--train-roles` may not include `tool`: tool outputs come from the environment, not the model, and a "
+            f"student trained on them learns to invent tool results; use some of {', '.join(TRAINABLE_ROLES)}"
         )
+    unknown = [r for r in roles if r not in TRAINABLE_ROLES]
+    if unknown:
+        raise ValueError(f"`--train-roles` {unknown} unknown: choose from {', '.join(TRAINABLE_ROLES)}")
+    return roles
+
+
+def _has_generation_markers(template: str) -> bool:
+    return "{% generation %}" in template or "{%- generation %}" in template
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+    """apply_chat_template; a template that raises (jinja's `raise_exception`) becomes UnsupportedRoleError when
+    the chat has a role outside system/user/assistant (the usual cause: no `tool` support), else BadRowError."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as e:
+        odd = [(j, m["role"]) for j, m in enumerate(messages) if m["role"] not in TRAINABLE_ROLES]
+        if odd:
+            j, role = odd[0]
+            raise UnsupportedRoleError(
+                f"the chat template refuses the conversation ({e}); message {j} has role {role!r}, which the "
+                "template does not appear to support: use a model whose chat template renders it, or map such "
+                "turns to a role the template knows"
+            ) from None
+        raise BadRowError("chat_template_error", f"the chat template refuses the conversation: {e}") from None
+
+
+def _check_turns_rendered(text: str, messages: list[dict[str, Any]]) -> None:
+    """Every non-assistant turn's text must appear in the rendering: a template that silently drops a role (only
+    user/assistant branches, no `else`) would otherwise hide, e.g., a tool output from the teacher."""
+    for j, m in enumerate(messages):
+        content = m["content"].strip()
+        if m["role"] != "assistant" and content and content not in text:
+            raise UnsupportedRoleError(
+                f"the chat template renders nothing of message {j} (role {m['role']!r}): it does not support this "
+                "role; use a model whose chat template renders it, or map such turns to a role the template knows"
+            )
+
+
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], train_roles: tuple[str, ...] = TRAIN_ROLES_DEFAULT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chat -> (input_ids int32 [L], loss_mask bool [L]) with True on the tokens of the turns of `train_roles`.
+
+    A trained turn is its text and end-of-turn markup, not the role header before it (for assistant turns: what
+    follows the generation prompt). Templates with `{% generation %}` markers give the assistant mask through
+    transformers; everything else is rendered turn by turn and each turn's characters are mapped to tokens
+    through the offsets, which needs a template whose rendering of a prefix is a prefix of the whole: a
+    conversation rendered otherwise (a template that rewrites earlier turns) raises BadRowError. A template that
+    cannot render one of the chat's roles (e.g. `tool`) raises UnsupportedRoleError.
+    """
+    text = _apply_template(tokenizer, messages, tokenize=False)
+    _check_turns_rendered(text, messages)
+    marked = _has_generation_markers(tokenizer.chat_template or "")
+    if marked and train_roles == ("assistant",):
+        out = _apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         return np.asarray(out["input_ids"], np.int32), np.asarray(out["assistant_masks"], bool)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    by_offsets = tuple(r for r in train_roles if not (marked and r == "assistant"))
+    spans = _turn_spans(tokenizer, messages, text, by_offsets)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    mask = np.zeros(len(offsets), bool)
+    for start, end in spans:
+        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    if marked and "assistant" in train_roles:
+        out = _apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        if not np.array_equal(np.asarray(out["input_ids"], np.int32), ids):  # the same text, tokenized twice
+            raise RuntimeError("the chat template's tokenization differs from the tokenizer's own on its text")
+        mask |= np.asarray(out["assistant_masks"], bool)
+    return ids, mask
+
+
+def _turn_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], text: str, roles: tuple[str, ...]
+) -> list[tuple[int, int]]:
+    """[start, end) character spans in `text` of the turns of `roles`: an assistant turn from the end of the
+    generation prompt, any other from where its content starts; both through the end of the turn's markup."""
     spans = []
     for j, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] not in roles:
             continue
-        head = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
-        upto = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
-        if not (text.startswith(upto) and upto.startswith(head)):
+        before = _apply_template(tokenizer, messages[:j], tokenize=False) if j else ""
+        if m["role"] == "assistant":
+            head = _apply_template(tokenizer, messages[:j], tokenize=False, add_generation_prompt=True) if j else ""
+        else:
+            head = before
+        upto = _apply_template(tokenizer, messages[: j + 1], tokenize=False)
+        if not (text.startswith(upto) and upto.startswith(head) and head.startswith(before)):
             # Per row, not fatal: such templates (e.g. dropping <think> blocks from earlier assistant replies) only
             # rewrite some conversations, and the others render fine.
             raise BadRowError(
                 "chat_template_rewrites_turns",
                 f"the chat template rewrites earlier turns (the conversation rendered through message {j} is not a "
-                "prefix of the whole, e.g. a <think> block dropped from an earlier reply), so the assistant mask "
+                "prefix of the whole, e.g. a <think> block dropped from an earlier reply), so the loss mask "
                 "cannot be derived by prefix rendering; use a teacher tokenizer whose chat template marks replies "
                 "with {% generation %} markers, or remove what the template rewrites from the row's earlier turns",
             )
-        spans.append((len(head), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
-    mask = np.zeros(len(offsets), bool)
-    for start, end in spans:
-        mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-    return np.asarray(enc["input_ids"], np.int32), mask
+        start = len(head)
+        if m["role"] != "assistant":
+            found = upto.find(m["content"].strip(), start) if m["content"].strip() else -1
+            start = found if found >= 0 else start
+        spans.append((start, len(upto)))
+    return spans
 
 
 def window_bounds(num_tokens: int, max_seq_len: int, overflow: str) -> list[tuple[int, int]]:
@@ -218,7 +332,8 @@ class WindowSettings:
 
     max_seq_len: int  # tokens per window
     text_field: str = "text"  # the column of plain text, read when messages_field is None
-    messages_field: str | None = None  # the column of chat messages (assistant-only loss mask)
+    messages_field: str | None = None  # the column of chat messages
+    train_roles: tuple[str, ...] = TRAIN_ROLES_DEFAULT  # chat turns in the loss mask (parse_train_roles)
     overflow: str = "split"  # longer rows: windows overlapping by one token ("split") or the head ("truncate")
     replica: int = 0  # this replica takes the rows with row_index % num_replicas == replica
     num_replicas: int = 1
@@ -248,8 +363,10 @@ def iter_windows(
         for row_index, value in zip(chunk, values):
             summary.rows += 1
             try:
-                ids, mask = _tokenize_row(value, tokenizer, chat=messages_field is not None)
+                ids, mask = _tokenize_row(value, tokenizer, settings)
                 windows = _row_windows(row_index, ids, mask, max_seq_len, overflow, summary)
+            except UnsupportedRoleError as e:
+                raise UnsupportedRoleError(f"dataset row {row_index} (field {column!r}): {e}") from None
             except BadRowError as e:
                 if settings.strict:
                     detail = f"; {e.detail}" if e.detail else ""
@@ -304,13 +421,14 @@ def _row_windows(
     return windows
 
 
-def _tokenize_row(value: Any, tokenizer: Any, chat: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_row(value: Any, tokenizer: Any, settings: WindowSettings) -> tuple[np.ndarray, np.ndarray]:
     """One row's value -> (ids, mask); raises BadRowError for rows that are counted as skipped."""
-    if chat:
-        reason = _check_messages(value)
+    if settings.messages_field is not None:
+        value = clean_messages(value)
+        reason = _check_messages(value, settings.train_roles)
         if reason:
             raise BadRowError(reason)
-        ids, mask = render_chat(tokenizer, value)
+        ids, mask = render_chat(tokenizer, value, settings.train_roles)
     else:
         if value is None:
             raise BadRowError("missing_field")
