@@ -10,9 +10,13 @@ exactly the batches an uninterrupted one would):
    out) of a whole block are shuffled together with a generator seeded by (seed, epoch, rank, worker, block): a
    row group holds neighbouring windows of a few documents (about 8 sequences at L=4096, k=64), so shuffling within
    one would fill a batch with windows of one document. Block shuffling as in mosaicml/streaming's `py1b`.
-4. Rows are grouped greedily into batches of N sequences or of at most N padded tokens. The stream position
-   (epoch, block cursor, row cursor) after each yielded batch is the dataset's state_dict, which torchdata's
-   StatefulDataLoader snapshots per worker and restores on resume: a block is re-read and re-shuffled, never stored.
+4. Rows are grouped greedily into batches of N sequences or of at most N padded tokens (with `pack`, several
+   sequences share a batch row: train/packing.py). The stream position (epoch, block cursor, row cursor) after each
+   yielded batch is the dataset's state_dict, which torchdata's StatefulDataLoader snapshots per worker and restores
+   on resume: a block is re-read and re-shuffled, never stored.
+
+A part is decoded once, straight to the sparse target view (`CacheReader.read_targets`: no log-probs, no
+per-sequence objects), and a batch is filled by copying each of its sequences' slices into the batch arrays.
 
 The held-out split is a hash of the document id (splitmix64 of `storage.document_id`), independent of the seed, so
 every run on a cache holds out the same sequences, evaluations are comparable across students, and no window of a
@@ -98,7 +102,7 @@ class Decoded:
 
     Position t of sequence i (group position `position_offsets[i] + t`) trains when `loss_mask[t+1]` of the sequence;
     `loss_rows` lists those group positions, sequence after sequence (`loss_offsets` [B+1] into it), and `dense[i]`
-    says whether every position of sequence i trains (then its rows are one slice and batching copies views).
+    says whether every position of sequence i trains (then its rows are one slice, copied without an index).
     Batches are built from (Decoded, row) references: slicing, no per-sequence decoding or objects.
     """
 
