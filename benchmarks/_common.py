@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +50,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def jsonl_windows(jsonl: Path, tokenizer_dir: Path, max_seq_len: int) -> Iterator[list[Any]]:
+    """Per row of a {"text": ...} JSONL file, in file order: its non-overlapping windows of <= max_seq_len token ids
+    (numpy int64, >= 2 tokens each; a row too short for one gives an empty list)."""
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for line in jsonl.read_text().splitlines():
+        ids = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+        starts = range(0, max(len(ids) - 1, 0), max_seq_len)
+        yield [
+            np.asarray(ids[s : s + max_seq_len], dtype=np.int64) for s in starts if len(ids[s : s + max_seq_len]) >= 2
+        ]

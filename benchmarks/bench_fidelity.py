@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ensure_teacher, markdown_table, out_dir
+from _common import ensure_teacher, jsonl_windows, markdown_table, out_dir
 
 BASELINE_OPTIONS: dict[str, Any] = {"compression": "zstd"}  # pyarrow defaults otherwise: dictionary on, no BSS
 
@@ -34,19 +34,14 @@ BASELINE_OPTIONS: dict[str, Any] = {"compression": "zstd"}  # pyarrow defaults o
 def teacher_outputs(teacher: Path, heldout: Path, max_positions: int, max_seq_len: int = 128) -> dict[str, Any]:
     """Full-vocabulary teacher log-probs [P, V] on held-out text windows, with the windows' token ids."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     windows = []
     total = 0
-    for line in heldout.read_text().splitlines():
-        ids = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
-        for s in range(0, max(len(ids) - 1, 0), max_seq_len):
-            w = ids[s : s + max_seq_len]
-            if len(w) >= 2:
-                windows.append(np.array(w, dtype=np.int64))
-                total += len(w) - 1
+    for row in jsonl_windows(heldout, teacher, max_seq_len):  # whole rows until max_positions is reached
+        windows += row
+        total += sum(len(w) - 1 for w in row)
         if total >= max_positions:
             break
     logps = []

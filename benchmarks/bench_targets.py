@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ensure_teacher, markdown_table, out_dir
+from _common import ROOT, ensure_teacher, jsonl_windows, markdown_table, out_dir
 
 from logitcache.storage import CachedSequence, TargetSpec
 
@@ -148,19 +148,9 @@ def stat_ci(xs: Sequence[float]) -> tuple[float, float]:
 
 def load_windows(jsonl: Path, tokenizer_dir: Path, max_seq_len: int, limit: int) -> list[np.ndarray]:
     """Non-overlapping windows (int64 token ids, >= 2 tokens) of the rows' texts, in file order, at most `limit`."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out: list[np.ndarray] = []
-    for line in jsonl.read_text().splitlines():
-        ids = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
-        for s in range(0, max(len(ids) - 1, 0), max_seq_len):
-            w = ids[s : s + max_seq_len]
-            if len(w) >= 2:
-                out.append(np.asarray(w, dtype=np.int64))
-            if len(out) >= limit:
-                return out
-    return out
+    return list(
+        itertools.islice(itertools.chain.from_iterable(jsonl_windows(jsonl, tokenizer_dir, max_seq_len)), limit)
+    )
 
 
 def teacher_logits(model_dir: Path, windows: Sequence[np.ndarray]) -> Any:

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+
+@contextmanager
+def vllm_backend(teacher_dir: Path, max_seq_len: int, **kwargs: Any) -> Iterator[Any]:
+    """A float32 VLLMBackend on `teacher_dir` for windows of up to `max_seq_len` tokens, closed afterwards."""
+    from logitcache.pipeline.backends.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(str(teacher_dir), dtype="float32", max_model_len=max_seq_len + 1, **kwargs)
+    try:
+        yield backend
+    finally:
+        backend.close()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,8 @@ from logitcache.pipeline.config import CaptureConfig
 from logitcache.pipeline.data import TokenWindow, WindowSettings, iter_windows, load_rows
 from logitcache.storage import CacheReader, TargetSpec, verify_cache
 
+from .conftest import vllm_backend
+
 K = 16
 MAX_SEQ_LEN = 64
 ATOL_NATS = 1e-4
@@ -27,13 +29,8 @@ ATOL_NATS = 1e-4
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_teacher_dir: Path) -> Iterator[Any]:
-    from logitcache.pipeline.backends.vllm_backend import VLLMBackend
-
-    engine = VLLMBackend(
-        str(tiny_teacher_dir), dtype="float32", targets=TargetSpec(top_k=K), max_model_len=MAX_SEQ_LEN + 1
-    )
-    yield engine
-    engine.close()
+    with vllm_backend(tiny_teacher_dir, MAX_SEQ_LEN, targets=TargetSpec(top_k=K)) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import pytest
 from logitcache.pipeline.data import TokenWindow, WindowSettings, iter_windows, load_rows
 from logitcache.storage import CachedSequence, TargetSpec
 
+from .conftest import vllm_backend
+
 MAX_SEQ_LEN = 64
 ATOL_NATS = 1e-4
 TAIL_RTOL = 1e-3
@@ -34,17 +36,9 @@ CHUNKED_ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max
 
 @pytest.fixture(scope="module")
 def engine(tiny_teacher_dir: Path) -> Iterator[Any]:
-    from logitcache.pipeline.backends.vllm_backend import VLLMBackend
-
-    backend = VLLMBackend(
-        str(tiny_teacher_dir),
-        dtype="float32",
-        targets=ENGINE_SPEC,
-        max_model_len=MAX_SEQ_LEN + 1,
-        engine_args={**CHUNKED_ENGINE, "max_num_seqs": 8},
-    )
-    yield backend
-    backend.close()
+    engine_args = {**CHUNKED_ENGINE, "max_num_seqs": 8}
+    with vllm_backend(tiny_teacher_dir, MAX_SEQ_LEN, targets=ENGINE_SPEC, engine_args=engine_args) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
