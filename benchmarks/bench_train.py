@@ -250,6 +250,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="Tiny sizes: only checks that the script runs.")
     ap.add_argument("--json", default=None, help="Also write the results to this file.")
+    ap.add_argument("--loader-only", action="store_true", help="Skip the step benchmark: the loader figures only.")
     ap.add_argument("--vocabs", default="32768,128256", help="Vocabulary sizes of the step benchmark's caches.")
     ap.add_argument("--mallocs", default="default,tuned", help="glibc malloc settings: default, tuned (cpu_malloc.py).")
     ap.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
@@ -313,7 +314,8 @@ def print_report(report: dict[str, Any]) -> None:
     head = ["V", "malloc", "step", "median ms", "sys s/step", "faults/step", "peak MiB (growth)"]
     head += ["time / ce_hf (same malloc)", "time / ce_hf (default malloc)", "memory / ce_hf"]
     rows = [row for v, results in report["steps"].items() for row in step_rows(int(v), results)]
-    print(markdown_table(head, rows))
+    if rows:
+        print(markdown_table(head, rows))
     loader = report["loader_k64"]
     print_loader(loader)
 
@@ -338,7 +340,8 @@ def main() -> None:
             "chunk": 512,
         }
         report["batch_sequences"], report["kd_chunk_positions"] = spec["batch"], spec["chunk"]
-        report["steps"][str(vocab)] = run_variants({**spec, "vocab": vocab}, args.mallocs.split(","))
+        if not args.loader_only:
+            report["steps"][str(vocab)] = run_variants({**spec, "vocab": vocab}, args.mallocs.split(","))
     report["loader_k64"] = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
     print_report(report)
     if args.json:
