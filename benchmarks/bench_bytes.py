@@ -44,6 +44,7 @@ MODES: dict[str, TargetSpec] = {
     "adaptive p=0.99 (cap 64)": TargetSpec(mode="adaptive", top_k=64, top_p=0.99),
     "sampled r=0 N=12": TargetSpec(mode="sampled", exact_top=0, samples=12),
     "sampled r=4 N=12": TargetSpec(mode="sampled", exact_top=4, samples=12),
+    "sampled r=0 N=24 (default)": TargetSpec(mode="sampled", exact_top=0, samples=24),
 }
 WINDOW = 512
 TARGET_ENTROPY = 1.5
@@ -278,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = measure(name, model, tdir, beta, tokens, work / f"{name}-{regime}")
             run["regime"] = regime
             runs.append(run)
-            print(json.dumps({k: v for k, v in run.items() if k != "modes"}), flush=True)
+            print(json.dumps(run), flush=True)
+            (work / "bytes.json").write_text(json.dumps(runs, indent=1))  # after every regime: a long run keeps its rows
     table = report(runs)
     print(table)
     (work / "bytes.json").write_text(json.dumps(runs, indent=1))
