@@ -1,4 +1,4 @@
-"""`logitcache cache-teacher` and `logitcache demo-teacher` (click; torch/vllm are imported only when they run)."""
+"""`logitcache cache-teacher`, `generate` and `demo-teacher` (click; torch/vllm are imported only when they run)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from logitcache.pipeline.config import CHOICES, CaptureConfig
+from logitcache.pipeline.config import CHOICES, GENERATE_CHOICES, CaptureConfig, GenerateConfig
 from logitcache.storage.options import config_options
 
-__all__ = ["cache_teacher", "demo_teacher"]
+__all__ = ["cache_teacher", "demo_teacher", "generate"]
 
 
 def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
@@ -30,16 +30,43 @@ def _parse_engine_args(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     return out
 
 
-@click.command("cache-teacher")
-@click.option(
+# The options both engine commands write by hand (the rest come from their config's fields).
+_config_file_option = click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False),
     help="YAML/JSON file of these settings (field or flag names); flags override it.",
 )
-@click.option(
+_engine_arg_option = click.option(
     "--engine-arg", "engine_arg", multiple=True, metavar="KEY=VALUE", help="Extra vLLM LLM(...) argument (repeatable)."
 )
+
+
+class _ProgressBar:
+    """A tqdm bar opened at the first report (nothing prints while the engine starts), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, unit: str, desc: str) -> None:
+        self.enabled, self.unit, self.desc = enabled, unit, desc
+        self._bar: Any = None
+
+    def update(self, done: int, total: int, **postfix: Any) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, unit=self.unit, desc=self.desc, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+        self._bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@click.command("cache-teacher")
+@_config_file_option
+@_engine_arg_option
 @config_options(CaptureConfig, choices=CHOICES, exclude=("engine_args",))
 def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags: Any) -> None:
     """Run the teacher over a dataset and store its distributions (top-k, adaptive or sampled) in a cache directory."""
@@ -53,26 +80,17 @@ def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags:
     from logitcache.pipeline.capture import BatchProgress, run_capture
     from logitcache.pipeline.data import BadRowError
 
-    bar = None
+    bar = _ProgressBar(cfg.progress, unit="row", desc=f"replica {cfg.replica}")
 
     def on_batch(p: BatchProgress) -> None:
-        nonlocal bar
-        if not cfg.progress:
-            return
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=p.rows_total, unit="row", desc=f"replica {cfg.replica}", dynamic_ncols=True)
-        bar.update(p.rows_done - bar.n)
-        bar.set_postfix(seqs=p.sequences, tok_s=f"{p.tokens_per_second:,.0f}")
+        bar.update(p.rows_done, p.rows_total, seqs=p.sequences, tok_s=f"{p.tokens_per_second:,.0f}")
 
     try:
         result = run_capture(cfg, on_batch=on_batch)
     except (ValueError, FileNotFoundError, CacheFormatError, BadRowError) as e:
         raise click.ClickException(str(e)) from None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if result.status == "already_finished":
         click.echo(f"{result.cache_dir} is already a finished cache: nothing to do.", err=True)
     elif result.status == "replica_done":
@@ -89,6 +107,48 @@ def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags:
             f"skipped rows {totals.get('skipped_rows') or 'none'})",
             err=True,
         )
+
+
+@click.command("generate")
+@_config_file_option
+@_engine_arg_option
+@click.option(
+    "--stop",
+    "stop",
+    multiple=True,
+    help="A string that ends a response (repeatable); not included in it; finish_reason `stop`.",
+)
+@config_options(GenerateConfig, choices=GENERATE_CHOICES, exclude=("engine_args", "stop"))
+def generate(config_file: str | None, engine_arg: tuple[str, ...], stop: tuple[str, ...], **flags: Any) -> None:
+    """Have a model (teacher or student checkpoint) answer a prompt set through vLLM: OUTPUT/data.jsonl, chat rows
+    that `cache-teacher --messages-field messages` scores as they are."""
+    try:
+        cfg = GenerateConfig.from_sources(
+            config_file, engine_args=_parse_engine_args(engine_arg), stop=stop or None, **flags
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+
+    from logitcache.pipeline.generate import GenerateProgress, run_generate
+
+    bar = _ProgressBar(cfg.progress, unit="prompt", desc="generate")
+
+    def on_batch(p: GenerateProgress) -> None:
+        bar.update(p.rows_done, p.rows_total, responses=p.samples)
+
+    try:
+        result = run_generate(cfg, on_batch=on_batch)
+    except (ValueError, FileNotFoundError) as e:  # UnsupportedRoleError is a ValueError
+        raise click.ClickException(str(e)) from None
+    finally:
+        bar.close()
+    counts = result.generation.get("counts", {})
+    verb = "already finished" if result.status == "already_finished" else "finished"
+    click.echo(
+        f"generation {verb}: {result.output} ({counts.get('samples')} responses, finish reasons "
+        f"{counts.get('finish_reasons')}, skipped prompts {counts.get('skipped_prompts') or 'none'})",
+        err=True,
+    )
 
 
 @click.command("demo-teacher")

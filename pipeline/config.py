@@ -1,10 +1,11 @@
-"""`CaptureConfig`: every setting of `logitcache cache-teacher`, one field per CLI flag, validated in one pass."""
+"""`CaptureConfig` and `GenerateConfig`: every setting of `logitcache cache-teacher` and `logitcache generate`, one
+field per CLI flag, validated in one pass."""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from logitcache.pipeline.data import WindowSettings, parse_train_roles
 from logitcache.storage.options import flag_name, load_config_file, option, settings_from
@@ -33,6 +34,7 @@ _TARGET_PARAMETERS = {
 
 
 flag = flag_name  # the CLI flag of a config field: `top_k` -> `--top-k`
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,7 @@ class CaptureConfig:
     def __post_init__(self) -> None:
         if self.targets is None:  # frozen: resolved once, so the saved config and the header say the mode
             object.__setattr__(self, "targets", self._implied_targets())
-        errors: list[str] = []
-        for name in ("teacher", "dataset", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                errors.append(f"`{flag(name)}` is required (got {getattr(self, name)!r})")
+        errors = _required_problems(self, ("teacher", "dataset", "output"))
         if self.backend not in BACKENDS:
             errors.append(f"`--backend` must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         errors.extend(self._target_problems())
@@ -140,21 +139,22 @@ class CaptureConfig:
             )
         if self.overflow not in OVERFLOW_POLICIES:
             errors.append(f"`--overflow` must be one of {', '.join(OVERFLOW_POLICIES)} (got {self.overflow!r})")
-        if self.limit is not None and self.limit < 1:
-            errors.append(f"`--limit` must be >= 1 (got {self.limit})")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_replicas", "logits_chunk_size"):
-            if getattr(self, name) < 1:
-                errors.append(f"`{flag(name)}` must be >= 1 (got {getattr(self, name)})")
-        if self.batch_size is not None and self.batch_size < 1:
-            errors.append(f"`--batch-size` must be >= 1 (got {self.batch_size})")
+        errors += _positive_problems(
+            self,
+            (
+                "limit",
+                "tensor_parallel_size",
+                "pipeline_parallel_size",
+                "num_replicas",
+                "logits_chunk_size",
+                "batch_size",
+            ),
+        )
         if not 0 <= self.replica < max(self.num_replicas, 1):
             errors.append(f"`--replica` must be in [0, --num-replicas={self.num_replicas}) (got {self.replica})")
         if self.vllm_logprobs_path not in LOGPROBS_PATHS:
             errors.append(f"`--vllm-logprobs-path` must be flat or raw (got {self.vllm_logprobs_path!r})")
-        if self.dtype not in DTYPES:
-            errors.append(f"`--dtype` must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
-        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            errors.append(f"`--gpu-memory-utilization` must be in (0, 1] (got {self.gpu_memory_utilization})")
+        errors += _engine_problems(self)
         if self.shard_size_bytes is not None and self.shard_size_bytes < 1:
             errors.append(f"`--shard-size-bytes` must be >= 1 (got {self.shard_size_bytes})")
         if self.backend == "hf":
@@ -211,19 +211,150 @@ class CaptureConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> CaptureConfig:
-        """Fields from a YAML/JSON file (keys as field names or flag names), then `overrides` (None = not given)."""
-        values: dict[str, Any] = {}
-        if config_file is not None:
-            values.update(load_config_file(config_file))  # ConfigFileError (a ValueError) names the file
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown capture setting(s) {unknown} (from {config_file or 'the command line'}); "
-                f"known: {sorted(known)}"
+        """Fields from a YAML/JSON file (keys as field or flag names), then `overrides` (None = not given)."""
+        return _from_sources(cls, "capture", config_file, overrides)
+
+
+GENERATE_CHOICES = {"dtype": DTYPES}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Resolved settings of one `logitcache generate` run; saved in OUT_DIR/generation.json under "config"."""
+
+    model: str = option(
+        help="HF model dir (or hub name where a network exists) that writes the responses: a teacher, or a student checkpoint such as RUN_DIR/final."
+    )
+    dataset: str = option(help="Prompts: a local json/jsonl/parquet/txt file or dir, or a `datasets` hub name.")
+    output: str = option(
+        help="Directory for data.jsonl and generation.json; created, or resumed when it holds this run."
+    )
+    text_field: str = option(
+        "text", "Column of plain-text prompts, each one user turn (used when `--messages-field` is not given)."
+    )
+    messages_field: str | None = option(
+        None,
+        "Column of chat prompts ([{role, content}] ending in a user turn); the model's generation prompt is added.",
+    )
+    split: str = option("train", "Dataset split (local files have only `train`).")
+    max_prompts: int | None = option(None, "Use only the first `max_prompts` rows of the split.")
+    n: int = option(1, "Responses sampled per prompt (one row each, `sample_index` 0..n-1).")
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = option(1.0, "Nucleus sampling: the smallest set of tokens reaching this probability (in (0, 1]).")
+    max_new_tokens: int = option(
+        256, "Most tokens per response; a response cut there (or at the context) is kept, finish_reason `length`."
+    )
+    seed: int = option(
+        0,
+        "Seeds every response with its (seed, prompt index, sample index): the same rows whatever the batching, resumed or not.",
+    )
+    stop: tuple[str, ...] = option(
+        default_factory=tuple,
+        help="Strings that end a response (`--stop S`, repeatable); not included in it; finish_reason `stop`.",
+    )
+    dtype: str = option(
+        "auto", "Compute dtype; `auto` = the checkpoint's own (vLLM's own `auto` may run float32 in bf16)."
+    )
+    max_model_len: int | None = option(
+        None,
+        "Engine context (prompt + response tokens); longer prompts are skipped and counted. None = the model's max_position_embeddings, at most 8192.",
+    )
+    batch_size: int = option(
+        64, "Prompts per engine call: the unit appended to data.jsonl and recorded as progress (resume granularity)."
+    )
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
+    pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size.")
+    gpu_memory_utilization: float | None = option(
+        None, "vLLM memory share; None = 0.9 on GPU, 0.3 on CPU (where it reserves that share of RAM)."
+    )
+    engine_args: dict[str, Any] = option(
+        default_factory=dict,
+        help="Extra vLLM `LLM(...)` keyword arguments (`--engine-arg KEY=VALUE`, VALUE parsed as JSON when it can be).",
+    )
+    revision: str | None = option(None, "Model revision (hub models); recorded in generation.json.")
+    trust_remote_code: bool = option(False, "Allow model/tokenizer code from the model dir.")
+    progress: bool = option(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        if isinstance(stop, str):  # a config file's single string
+            stop = (stop,)
+        if isinstance(stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(stop))
+        errors = _required_problems(self, ("model", "dataset", "output"))
+        errors += _positive_problems(
+            self, ("max_prompts", "n", "max_new_tokens", "batch_size", "tensor_parallel_size", "pipeline_parallel_size")
+        )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            errors.append(
+                f"`--max-model-len` must be >= 2, a prompt token and a response token (got {self.max_model_len})"
             )
-        for f in fields(cls):  # a missing required flag is reported by __post_init__ with every other error
-            if f.default is MISSING and f.default_factory is MISSING:
-                values.setdefault(f.name, "")
-        return cls(**values)
+        if not self.temperature >= 0:
+            errors.append(f"`--temperature` must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"`--top-p` must be in (0, 1] (got {self.top_p})")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            errors.append(f"`--stop` takes non-empty strings (got {self.stop!r})")
+        errors += _engine_problems(self)
+        if errors:
+            raise ValueError("invalid generate config:\n  - " + "\n  - ".join(errors))
+
+    def sampling(self) -> dict[str, Any]:
+        """The settings that decide the responses (generation.json's "sampling")."""
+        names = ("n", "temperature", "top_p", "max_new_tokens", "seed", "stop")
+        return {name: list(self.stop) if name == "stop" else getattr(self, name) for name in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, **overrides: Any) -> GenerateConfig:
+        """Fields from a YAML/JSON file (keys as field or flag names), then `overrides` (None = not given)."""
+        return _from_sources(cls, "generate", config_file, overrides)
+
+
+def _from_sources(cls: type[C], what: str, config_file: str | Path | None, overrides: dict[str, Any]) -> C:
+    """A config of `cls` from a YAML/JSON file (keys as field or flag names), then `overrides` (None = not given);
+    unknown keys are refused naming `what` settings they are not."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_config_file(config_file))  # ConfigFileError (a ValueError) names the file
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {what} setting(s) {unknown} (from {config_file or 'the command line'}); known: {sorted(known)}"
+        )
+    for f in fields(cls):  # type: ignore[arg-type]  # a missing required flag is reported with every other error
+        if f.default is MISSING and f.default_factory is MISSING:
+            values.setdefault(f.name, "")
+    return cls(**values)
+
+
+def _required_problems(cfg: object, names: tuple[str, ...]) -> list[str]:
+    return [
+        f"`{flag(name)}` is required (got {getattr(cfg, name)!r})"
+        for name in names
+        if not isinstance(getattr(cfg, name), str) or not getattr(cfg, name)
+    ]
+
+
+def _positive_problems(cfg: object, names: tuple[str, ...]) -> list[str]:
+    """`--flag must be >= 1` for each of `names` below 1 (None = unset, fine)."""
+    return [
+        f"`{flag(name)}` must be >= 1 (got {getattr(cfg, name)})"
+        for name in names
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1
+    ]
+
+
+def _engine_problems(cfg: Any) -> list[str]:
+    """The vLLM engine settings both commands share: --dtype and --gpu-memory-utilization."""
+    errors = []
+    if cfg.dtype not in DTYPES:
+        errors.append(f"`--dtype` must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
+    if cfg.gpu_memory_utilization is not None and not 0 < cfg.gpu_memory_utilization <= 1:
+        errors.append(f"`--gpu-memory-utilization` must be in (0, 1] (got {cfg.gpu_memory_utilization})")
+    return errors

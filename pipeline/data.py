@@ -233,11 +233,12 @@ def _apply_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: An
 
 
 def _check_turns_rendered(text: str, messages: list[dict[str, Any]]) -> None:
-    """Every non-assistant turn's text must appear in the rendering: a template that silently drops a role (only
-    user/assistant branches, no `else`) would otherwise hide, e.g., a tool output from the teacher."""
+    """Every turn of a role other than system/user/assistant (e.g. `tool`) must appear in the rendering: a template
+    without that role (user/assistant branches, no `else`) would otherwise silently drop, e.g., a tool's output.
+    (Templates that drop a system prompt are left as they were: the teacher never sees it, as in its own use.)"""
     for j, m in enumerate(messages):
         content = m["content"].strip()
-        if m["role"] != "assistant" and content and content not in text:
+        if m["role"] not in TRAINABLE_ROLES and content and content not in text:
             raise UnsupportedRoleError(
                 f"the chat template renders nothing of message {j} (role {m['role']!r}): it does not support this "
                 "role; use a model whose chat template renders it, or map such turns to a role the template knows"
@@ -276,6 +277,16 @@ def render_chat(
             raise RuntimeError("the chat template's tokenization differs from the tokenizer's own on its text")
         mask |= np.asarray(out["assistant_masks"], bool)
     return ids, mask
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> np.ndarray:
+    """Prompt turns + the template's generation prompt -> input_ids int32 [L] (what a model answers from).
+
+    Raises BadRowError when the template refuses the chat, UnsupportedRoleError when it cannot render a role.
+    """
+    text = _apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=True)
+    _check_turns_rendered(text, messages)
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
 
 
 def _turn_spans(

@@ -19,7 +19,15 @@ from logitcache.storage import CachedSequence, TargetSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VLLMBackend", "decode_flat_prompt_logprobs", "tail_from_topk", "vllm_tail_method"]
+__all__ = [
+    "EngineSettings",
+    "VLLMBackend",
+    "decode_flat_prompt_logprobs",
+    "shutdown_llm",
+    "start_llm",
+    "tail_from_topk",
+    "vllm_tail_method",
+]
 
 CPU_MEMORY_UTILIZATION = 0.3  # on CPU vLLM reserves this share of RAM for its KV cache
 GPU_MEMORY_UTILIZATION = 0.9
@@ -147,10 +155,17 @@ class VLLMBackend:
         engine_args = engine_args or {}
         self.tail_method = vllm_tail_method(vllm.__version__, engine_args, targets)
         self.logprobs_path = _logprobs_path(logprobs_path)
-        settings = _EngineSettings(
+        settings = EngineSettings(
             model_path, dtype, max_model_len, tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization
         )
-        self.llm = self._start_engine(settings, revision, trust_remote_code, engine_args)
+        self.llm = start_llm(
+            settings,
+            max_logprobs=self._max_logprobs(),
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            engine_args=engine_args,
+            engine_targets=self.engine_targets,
+        )
         self._check_max_logprobs()
         if self.engine_targets:
             self._install_engine_targets()
@@ -159,20 +174,6 @@ class VLLMBackend:
     def engine_targets(self) -> bool:
         """Whether the targets are computed in the engine (else vLLM's own top-k: `topk` on untested versions)."""
         return self.tail_method == vllm_tail.ENGINE_TAIL
-
-    def _start_engine(
-        self, settings: _EngineSettings, revision: str | None, trust_remote_code: bool, engine_args: dict[str, Any]
-    ) -> Any:
-        from vllm import LLM
-
-        env = _prepare_environ(settings.tensor_parallel_size, settings.pipeline_parallel_size, self.engine_targets)
-        kwargs = settings.llm_kwargs(self._max_logprobs())
-        kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
-        if self.engine_targets:
-            kwargs["worker_extension_cls"] = vllm_tail.EXTENSION_CLS
-        kwargs.update(engine_args)
-        with _environ(env):
-            return LLM(**kwargs)
 
     def _max_logprobs(self) -> int:
         """Prompt log-probs per position after the actual token's: M, plus the tail column when in the engine."""
@@ -272,17 +273,47 @@ class VLLMBackend:
         )
 
     def close(self) -> None:
-        # Shut the engine core and workers down now rather than at interpreter exit.
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        shutdown_llm(self.llm)
         del self.llm
 
 
+def start_llm(
+    settings: EngineSettings,
+    *,
+    max_logprobs: int,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    engine_args: Mapping[str, Any] | None = None,
+    engine_targets: bool = False,
+) -> Any:
+    """A vLLM `LLM` for `settings` (the one place an engine is built: capture's teacher and `generate`).
+
+    `engine_targets` loads the in-engine targets' worker extension (vllm_tail.py); `engine_args` (--engine-arg)
+    override everything else. On CPU the workers' threads are bound while the engine starts (vllm_cpu.py).
+    """
+    from vllm import LLM
+
+    env = _prepare_environ(settings.tensor_parallel_size, settings.pipeline_parallel_size, engine_targets)
+    kwargs = settings.llm_kwargs(max_logprobs)
+    kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
+    if engine_targets:
+        kwargs["worker_extension_cls"] = vllm_tail.EXTENSION_CLS
+    kwargs.update(engine_args or {})
+    with _environ(env):
+        return LLM(**kwargs)
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Shut a `start_llm` engine's core and workers down now rather than at interpreter exit."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(engine, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+
+
 @dataclass(frozen=True)
-class _EngineSettings:
-    """What `VLLMBackend` passes to vLLM's `LLM` besides the caller's engine args."""
+class EngineSettings:
+    """What `start_llm` passes to vLLM's `LLM` besides the caller's engine args."""
 
     model_path: str
     dtype: str
