@@ -1,4 +1,5 @@
-"""Dataset rows -> token windows for the teacher: plain text or chat (assistant-only loss mask), split or truncated.
+"""Dataset rows -> token windows for the teacher: plain text or chat (loss mask on the turns of --train-roles, by
+default the assistant's; never tool outputs), split or truncated; and chat prompts for `generate`.
 
 Every row of this replica's slice becomes one or more windows or is counted under a skip reason, so nothing
 vanishes. Windows carry `sequence_id = (row_index << 16) | window_index`, deterministic across reruns and replicas.
