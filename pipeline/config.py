@@ -260,7 +260,8 @@ class GenerateConfig:
         "Engine context (prompt + response tokens); longer prompts are skipped and counted. None = the model's max_position_embeddings, at most 8192.",
     )
     batch_size: int = option(
-        64, "Prompts per engine call: the unit appended to data.jsonl and recorded as progress (resume granularity)."
+        256,
+        "Prompts per engine call: the unit appended to data.jsonl and recorded as progress (resume granularity); each call waits for its longest response, so larger batches keep the engine fuller.",
     )
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per engine).")
     pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size.")
