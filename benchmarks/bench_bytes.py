@@ -280,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run["regime"] = regime
             runs.append(run)
             print(json.dumps(run), flush=True)
-            (work / "bytes.json").write_text(json.dumps(runs, indent=1))  # after every regime: a long run keeps its rows
+            (work / "bytes.json").write_text(
+                json.dumps(runs, indent=1)
+            )  # after every regime: a long run keeps its rows
     table = report(runs)
     print(table)
     (work / "bytes.json").write_text(json.dumps(runs, indent=1))
