@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = frozenset(
         "student",
         "compile",
         "pack",  # the same sequences per batch with a count; with a token budget the stream refuses a change
+        "fused_loss",  # the same loss and gradients (equal to rounding), computed in one pass or by the reference
     }
 )
 
