@@ -44,6 +44,7 @@ CE only at equal steps and full KD kept for reference. Writes results/targets-eq
     python benchmarks/bench_targets.py            # the tables in BENCHMARKS.md (2 regimes x 16 rows x 5 seeds)
     python benchmarks/bench_targets.py --quick    # the test-sized teacher, 1 seed, 3 steps: checks it runs
     python benchmarks/bench_targets.py --equal-time   # KD vs CE only at equal wall-clock time (2 regimes x 5 seeds)
+    python benchmarks/bench_targets.py --equal-time --alpha 0.5   # the same with KD rows mixing in CE (alpha 0.5)
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class Settings:
     no_fidelity: bool = False
     equal_time: bool = False  # add "CE only, equal time": ceil(R x steps) steps, R = KD / CE step time (measured)
     timing_warmup: int = 5  # repetitions (one step of each compared row) discarded before timing R
+    kd_alpha: float = 1.0  # alpha of the KD rows (full KD and every cache row): 1 = pure KD, < 1 mixes in CE
     timing_reps: int = 60  # timed repetitions
 
     @classmethod
@@ -321,7 +323,8 @@ def kd_settings(alpha: float, mode: str) -> Any:
 
 class FullTargets:
     """The full-KD row: forward KL on the full vocabulary against the teacher's precomputed log-probs (what a live,
-    deterministic teacher gives), sum_v p (log p - log q), on the student's logits from the trainer's model wrapper."""
+    deterministic teacher gives), sum_v p (log p - log q), on the student's logits from the trainer's model wrapper
+    (with --alpha < 1 mixed with CE on the real next tokens)."""
 
     def __init__(self, windows: Sequence[np.ndarray], logprobs: Any) -> None:
         self.windows = windows
@@ -340,7 +343,12 @@ class FullTargets:
         s_lp = torch.log_softmax(
             dm.head(dm.hidden_at(batch["input_ids"], batch["attention_mask"], batch["positions"])), -1
         )
-        return (t_lp.exp() * (t_lp - s_lp)).sum() / len(rows)
+        kd = (t_lp.exp() * (t_lp - s_lp)).sum()
+        alpha = dm.settings.alpha  # --alpha < 1: mixed with CE on the real next tokens, as the cache rows are
+        if alpha == 1.0:
+            return kd / len(rows)
+        ce = -s_lp.gather(1, batch["next_token_ids"].long()[:, None]).sum()
+        return (alpha * kd + (1.0 - alpha) * ce) / len(rows)
 
 
 class CachedTargets:
@@ -471,7 +479,7 @@ def step_costs(
     for name, seqs in row_seqs.items():
         spec = by_name[name].spec
         assert spec is not None
-        kinds[name] = (CachedTargets(seqs), kd_settings(1.0, spec.mode))
+        kinds[name] = (CachedTargets(seqs), kd_settings(st.kd_alpha, spec.mode))
     dms = {name: DistillModel(model, vocab, kd) for name, (_, kd) in kinds.items()}  # one student, shared weights
     total = st.timing_warmup + st.timing_reps
     opt, sched = optimizer(dms["CE only"], st, total * len(kinds))
@@ -763,8 +771,14 @@ def equal_time_tables(doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _alpha_suffix(settings: dict[str, Any]) -> str:
+    """Results of KD rows at alpha != 1 go to their own files ("-alpha0.5")."""
+    alpha = settings.get("kd_alpha", 1.0)
+    return "" if alpha == 1.0 else f"-alpha{alpha:g}"
+
+
 def write_outputs(doc: dict[str, Any], out: Path, quick: bool) -> None:
-    name = "targets-equal-time" if doc["settings"]["equal_time"] else "targets"
+    name = ("targets-equal-time" if doc["settings"]["equal_time"] else "targets") + _alpha_suffix(doc["settings"])
     text = equal_time_tables(doc) if doc["settings"]["equal_time"] else tables(doc)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
     (out / f"{name}.md").write_text(text)
@@ -889,7 +903,7 @@ def run_regime(job: Job) -> dict[str, Any]:
         for row in all_rows:
             t0 = time.perf_counter()
             bpt: float | None = None
-            mode, alpha, steps, windows = "topk", 1.0, st.steps, st.train_windows
+            mode, alpha, steps, windows = "topk", st.kd_alpha, st.steps, st.train_windows
             if row.kind == "ce":
                 targets: FullTargets | CachedTargets = CachedTargets(NoTargets(train_w))
                 alpha = 0.0
@@ -952,6 +966,7 @@ def main() -> int:
         help=f"KD vs CE only at equal wall-clock time: adds {EQUAL_TIME_ROW!r} (ceil(R x steps) steps, R measured); "
         f"rows default to {', '.join(EQUAL_TIME_KD_ROWS)}; no gradient fidelity; results/targets-equal-time.*",
     )
+    ap.add_argument("--alpha", type=float, help="alpha of the KD rows (default 1: pure KD); results get a suffix")
     ap.add_argument("--jobs", type=int, default=2, help="regimes run in parallel processes (1 thread each)")
     ap.add_argument(
         "--teacher",
@@ -969,6 +984,8 @@ def main() -> int:
         changes["row_names"] = tuple(args.rows)
     if args.regimes:
         changes["regimes"] = tuple(args.regimes)
+    if args.alpha is not None:
+        changes["kd_alpha"] = args.alpha
     if args.equal_time:
         changes.update(equal_time=True, no_fidelity=True, row_names=changes.get("row_names", EQUAL_TIME_KD_ROWS))
     st = Settings(**{**asdict(st), **changes})
@@ -986,7 +1003,8 @@ def main() -> int:
     )
     build = ensure_teacher(args.quick)
     teacher = args.teacher or build / "teacher"
-    work = out_dir("targets" + ("-equal-time" if st.equal_time else "") + ("-quick" if args.quick else ""))
+    suffix = ("-equal-time" if st.equal_time else "") + _alpha_suffix(asdict(st)) + ("-quick" if args.quick else "")
+    work = out_dir("targets" + suffix)
     regimes = prepare_regimes(build, teacher, st, work)
     jobs = [Job(name, model_dir, build / "data", work, st) for name, model_dir, _ in regimes]
     if args.jobs > 1:
