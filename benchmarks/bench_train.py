@@ -100,7 +100,7 @@ VARIANTS = {
 
 
 def run_variant(
-    variant: str, cache: str, preset: str, batch: int, steps: int, chunk: int, malloc: str, vocab: int = 0
+    variant: str, cache: str, preset: str, batch: int, steps: int, chunk: int, malloc: str
 ) -> dict[str, Any]:
     """One variant in this (fresh) process: median step seconds, peak memory growth, system time and page faults."""
     import torch
@@ -270,7 +270,7 @@ def write_caches(quick: bool, vocab: int, seq_len: int) -> tuple[Path, Path]:
     return step_cache, load_cache
 
 
-def run_variants(spec: dict[str, Any], mallocs: list[str]) -> list[dict[str, Any]]:
+def run_variants(spec: dict[str, Any], mallocs: list[str], vocab: int) -> list[dict[str, Any]]:
     """Each step variant in a fresh subprocess (so that its peak memory and its allocator settings are its own)."""
     results = []
     for malloc in mallocs:
@@ -282,7 +282,7 @@ def run_variants(spec: dict[str, Any], mallocs: list[str]) -> list[dict[str, Any
                 text=True,
             )
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps({"vocab": spec["vocab"], **results[-1]}), file=sys.stderr, flush=True)
+            print(json.dumps({"vocab": vocab, **results[-1]}), file=sys.stderr, flush=True)
     return results
 
 
@@ -341,7 +341,7 @@ def main() -> None:
         }
         report["batch_sequences"], report["kd_chunk_positions"] = spec["batch"], spec["chunk"]
         if not args.loader_only:
-            report["steps"][str(vocab)] = run_variants({**spec, "vocab": vocab}, args.mallocs.split(","))
+            report["steps"][str(vocab)] = run_variants(spec, args.mallocs.split(","), vocab)
     report["loader_k64"] = loader_throughput(str(load_cache), batch=8, seconds=1.0 if quick else 10.0)
     print_report(report)
     if args.json:

@@ -220,6 +220,36 @@ def collate_rows(
             tail32[o : o + q] = g.tail_mass[at]
             next_lp[o : o + q] = g.next_token_logprobs[at]
             o, j, start = o + q, j + 1, start + length
+    target_ids, target_probs, tail_mass = _fold_into_tail(
+        rows, target_ids, target_probs, tail32, vocab_size, top_k_used
+    )
+    flat_ids = input_ids.reshape(-1)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "positions": torch.from_numpy(positions),
+        "next_token_ids": torch.from_numpy(flat_ids[positions + 1]),
+        "target_ids": torch.from_numpy(np.ascontiguousarray(target_ids)),
+        "target_probs": torch.from_numpy(np.ascontiguousarray(target_probs)),
+        "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32, copy=False)),
+        "next_token_logprobs": torch.from_numpy(next_lp),
+        "num_tokens": torch.tensor(int(lengths.sum())),
+        "num_positions": torch.tensor(n),
+        "epoch": torch.tensor(epoch),
+        "sequence_id": torch.tensor([int(d.group.sequence_id[i]) for d, i in rows], dtype=torch.int64),
+    }
+
+
+def _fold_into_tail(
+    rows: list[tuple[Decoded, int]],
+    target_ids: np.ndarray,
+    target_probs: np.ndarray,
+    tail32: np.ndarray,
+    vocab_size: int,
+    top_k_used: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(target_ids, target_probs, tail_mass) with the entries beyond `top_k_used` and the ids outside the
+    tokenizer's vocabulary folded into the tail; sampled targets refuse both (ValueError, see `collate`)."""
     sampled = any(d.group.num_samples > 0 for d, _ in rows)
     # float64 accumulation only when entries fold into the tail; else clipping the float32 tail gives the same values
     tail_mass: np.ndarray = tail32
@@ -245,21 +275,7 @@ def collate_rows(
             tail_mass = tail_mass.astype(np.float64) + np.where(outside, target_probs, 0.0).sum(axis=1)
             target_ids = np.where(outside, -1, target_ids)
             target_probs = np.where(outside, 0.0, target_probs).astype(np.float32)
-    flat_ids = input_ids.reshape(-1)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "positions": torch.from_numpy(positions),
-        "next_token_ids": torch.from_numpy(flat_ids[positions + 1]),
-        "target_ids": torch.from_numpy(np.ascontiguousarray(target_ids)),
-        "target_probs": torch.from_numpy(np.ascontiguousarray(target_probs)),
-        "tail_mass": torch.from_numpy(np.clip(tail_mass, 0.0, 1.0).astype(np.float32, copy=False)),
-        "next_token_logprobs": torch.from_numpy(next_lp),
-        "num_tokens": torch.tensor(int(lengths.sum())),
-        "num_positions": torch.tensor(n),
-        "epoch": torch.tensor(epoch),
-        "sequence_id": torch.tensor([int(d.group.sequence_id[i]) for d, i in rows], dtype=torch.int64),
-    }
+    return target_ids, target_probs, tail_mass
 
 
 def masked_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -163,7 +163,8 @@ class _FusedLoss(torch.autograd.Function):
 def _logits(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transform: LMHeadTransform, out: torch.Tensor
 ) -> None:
-    """out <- transform(h W^T + b), in out's dtype."""
+    """out <- transform(h W^T + b), in out's dtype, in place (LMHeadTransform.apply would allocate new [C, V]
+    tensors, which the reused buffer exists to avoid)."""
     if out.dtype == h.dtype:
         torch.matmul(h, w.t(), out=out)
         if b is not None:
