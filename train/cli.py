@@ -10,11 +10,20 @@ from typing import Any
 import click
 
 from logitcache.storage.options import ConfigFileError, config_options, load_config_file
-from logitcache.train.config import DTYPES, LOSSES, SCHEDULES, ConfigError, EvalSettings, KDSettings, TrainConfig
+from logitcache.train.config import (
+    DTYPES,
+    LOSSES,
+    REPORT_TO,
+    SCHEDULES,
+    ConfigError,
+    EvalSettings,
+    KDSettings,
+    TrainConfig,
+)
 
 __all__ = ["train_student", "eval_cmd"]
 
-_CHOICES = {"loss": LOSSES, "schedule": SCHEDULES, "dtype": DTYPES}
+_CHOICES = {"loss": LOSSES, "schedule": SCHEDULES, "dtype": DTYPES, "report_to": REPORT_TO}
 
 
 def _resolve(config_file: str | None, flags: dict[str, Any]) -> TrainConfig:

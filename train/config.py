@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = [
     "LOSSES",
     "SCHEDULES",
     "DTYPES",
+    "REPORT_TO",
     "TARGET_MODES",
     "TrainConfig",
     "KDSettings",
@@ -26,6 +28,7 @@ __all__ = [
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+REPORT_TO = ("none", "tensorboard", "wandb")
 # Why a sampled cache trains with forward KL at T=1 only (the messages of KDSettings and TrainConfig.cache_problems).
 _SAMPLED_LOSS_WHY = (
     "needs the teacher's probability of the student's own tokens, which a sampled cache does not hold (only "
@@ -189,7 +192,19 @@ class TrainConfig:
     resume: bool = option(
         False, "Continue the run in `output` from its latest checkpoint, with exactly the batches it would have seen."
     )
+    init_from: str | None = option(
+        None,
+        "A previous run directory to continue from on this --cache (an on-policy round): the student's weights, the optimizer state and the learning-rate schedule come from its latest checkpoint, steps are numbered on from its step, and --steps/--epochs are this run's additional steps. --student is then not needed.",
+    )
+    schedule_steps: int | None = option(
+        None,
+        "Steps the warmup + decay schedule spans. Default: this run's last step, or with --init-from the previous run's schedule (so chained rounds follow one schedule: give the first round R x --steps).",
+    )
     progress: bool = option(True, "Show a progress bar (rank 0 only).")
+    report_to: str = option(
+        "none",
+        "Also report the metrics (rank 0) to `tensorboard` (RUN_DIR/tensorboard) or `wandb` (mode from WANDB_MODE, files in RUN_DIR/wandb), or `none`; metrics.jsonl and curves.png are written either way. Needs `pip install 'logitcache[tracking]'` (tensorboard) or wandb.",
+    )
     batch_unit: str = field(default="sequences", init=False)
     """Derived from `batch_size`: "sequences" or "tokens"."""
     batch_count: int = field(default=8, init=False)
@@ -199,7 +214,7 @@ class TrainConfig:
         errors: list[str] = []
         if not self.cache:
             errors.append("`--cache` is required: the cache directory written by `logitcache cache-teacher`")
-        if not self.student:
+        if not self.student and not self.init_from:
             errors.append("`--student` is required: a model directory, a config JSON/YAML, or a preset (tiny-llama)")
         if not self.output:
             errors.append("`--output` is required: the run directory to write")
@@ -240,10 +255,24 @@ class TrainConfig:
             errors.append(f"`--seed` must be >= 0, got {self.seed}")
         if self.lr is not None and not self.lr > 0:
             errors.append(f"`--lr` must be > 0, got {self.lr}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            errors.append(f"`--schedule-steps` must be >= 1, got {self.schedule_steps}")
+        if self.init_from is not None and self.student:
+            errors.append(
+                f"Can't provide both `--student {self.student}` and `--init-from {self.init_from}`: the student is the "
+                "previous run's. Choose one."
+            )
         if self.warmup < 0:
             errors.append(f"`--warmup` must be >= 0 (steps, or a fraction < 1 of the steps), got {self.warmup}")
         if self.schedule not in SCHEDULES:
             errors.append(f"`--schedule {self.schedule}` is unknown; choose one of {', '.join(SCHEDULES)}")
+        if self.report_to not in REPORT_TO:
+            errors.append(f"`--report-to {self.report_to}` is unknown; choose one of {', '.join(REPORT_TO)}")
+        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            errors.append(
+                f"`--report-to {self.report_to}` needs the {self.report_to} package: pip install "
+                + ("'logitcache[tracking]'" if self.report_to == "tensorboard" else "wandb")
+            )
         if self.dtype not in DTYPES:
             errors.append(f"`--dtype {self.dtype}` is unknown; choose one of {', '.join(DTYPES)}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank
 from logitcache.train.evaluate import evaluate
 from logitcache.train.packing import packing_problem
 from logitcache.train.student import DistillModel, Student, build_student
+from logitcache.train.tracking import Tracker, open_tracker
 
 __all__ = ["train", "RESUMABLE_CHANGES", "CONFIG_NAME", "METRICS_NAME"]
 
@@ -50,6 +51,7 @@ RESUMABLE_CHANGES = frozenset(
         "compile",
         "pack",  # the same sequences per batch with a count; with a token budget the stream refuses a change
         "fused_loss",  # the same loss and gradients (equal to rounding), computed in one pass or by the reference
+        "report_to",
     }
 )
 
@@ -133,10 +135,11 @@ def _check_same_cache(doc: dict[str, Any], reader: CacheReader, saved: Path) -> 
 
 
 class _Metrics:
-    """metrics.jsonl writer (rank 0): one JSON object per line; on resume, lines after the checkpoint are dropped."""
+    """metrics.jsonl writer (rank 0): one JSON object per line; on resume, lines after the checkpoint are dropped.
+    Each record also goes to the `--report-to` tracker (train/tracking.py)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tracker: Tracker | None = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         if enabled and resume_step is not None and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
@@ -145,6 +148,12 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(int(record["step"]), record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -226,6 +235,7 @@ def _train(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None = None) 
             _evaluate(run, step)
     if run.bar is not None:
         run.bar.close()
+    run.metrics.close()
     return last if env.is_main else {}
 
 
@@ -239,15 +249,14 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     if problems:
         raise ConfigError("invalid training options for this cache:\n  - " + "\n  - ".join(problems))
     ckpt, state = _resume_point(run_dir, cfg, reader, env)
-    student = build_student(str(ckpt) if ckpt else cfg.student, reader, cfg.tokenizer, cfg.seed)
+    init, init_state = _init_point(cfg, run_dir)
+    weights = ckpt or (init.checkpoint if init else None)
+    student = build_student(str(weights) if weights else cfg.student, reader, cfg.tokenizer, cfg.seed)
     if cfg.pack and (why := packing_problem(student.model)):
         log.warning("not packing sequences (as --no-pack): %s", why)
         cfg = cfg.replace(pack=False)
-    if state is not None:
-        cfg = cfg.replace(lr=state["lr"])
-    elif cfg.lr is None:
-        cfg = cfg.replace(lr=5e-5 if student.kind == "pretrained" else 1e-3)
-    total = cfg.steps or steps_for_epochs(
+    cfg = cfg.replace(lr=_learning_rate(cfg, state, init_state, student))
+    steps = cfg.steps or steps_for_epochs(
         reader.manifest,
         cfg.epochs or 1.0,
         cfg.eval_fraction,
@@ -256,18 +265,24 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
         cfg.grad_accum,
         env.world_size,
     )
+    total = (init.step if init else 0) + steps  # the last step: steps are numbered on from a --init-from run's
+    schedule_total = _schedule_total(cfg, init, total)
     if env.is_main:
-        _write_config(run_dir, cfg, env, reader, student, total)
+        _write_config(run_dir, cfg, env, reader, student, total, schedule_total, init)
     dm = _distill_model(student, cfg.kd_settings(target_mode), cfg, env)
     model = _wrap(dm, cfg, env)
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
-    sched = _scheduler(opt, cfg, total)
+    sched = _scheduler(opt, cfg, schedule_total)
     loader = _loader(cfg, env)
-    start = tokens_seen = 0
+    start, tokens_seen = (init.step, init.tokens_seen) if init else (0, 0)
     if state is not None:
         start, tokens_seen = _restore(state, cfg, env, dm, opt, sched, loader)
         if env.is_main:
             log.warning("resuming %s from %s (step %d of %d)", run_dir, ckpt, start, total)
+    elif init_state is not None:
+        _restore_optimizer(init_state, cfg, dm, opt, sched)
+        if env.is_main:
+            log.warning("continuing %s from %s (step %d, to step %d)", run_dir, weights, start, total)
     run = _Run(
         cfg=cfg,
         env=env,
@@ -279,7 +294,12 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
         sched=sched,
         loader=loader,
         batches=iter(loader),
-        metrics=_Metrics(run_dir / METRICS_NAME, env.is_main, start if state is not None else None),
+        metrics=_Metrics(
+            run_dir / METRICS_NAME,
+            env.is_main,
+            start if state is not None else None,
+            open_tracker(cfg.report_to, run_dir, cfg.to_dict(), env.is_main, start if state is not None else None),
+        ),
         amp=_autocast_dtype(cfg, env.device),
         total=total,
         start=start,
@@ -307,13 +327,92 @@ def _resume_point(
     return ckpt, state
 
 
+@dataclass(frozen=True)
+class _Init:
+    """Where a `--init-from` run starts: the previous run's checkpoint and its step, tokens and schedule."""
+
+    run: str
+    checkpoint: Path
+    step: int
+    tokens_seen: int
+    schedule_steps: int | None  # the previous run's schedule (None: it recorded none)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "checkpoint": str(self.checkpoint)}
+
+
+def _init_point(cfg: TrainConfig, run_dir: Path) -> tuple[_Init | None, dict[str, Any] | None]:
+    """(the start of a --init-from run, the previous checkpoint's trainer state); (None, None) without --init-from.
+    A resumed --init-from run reads its start from its own config.json (the state then comes from its checkpoint)."""
+    if not cfg.init_from:
+        return None, None
+    saved = run_dir / CONFIG_NAME
+    if saved.exists():
+        doc = json.loads(saved.read_text())["resolved"]["init_from"]
+        return _Init(**{**doc, "checkpoint": Path(doc["checkpoint"])}), None
+    prev = Path(cfg.init_from)
+    ckpt = latest_checkpoint(prev)
+    if ckpt is None:
+        raise ConfigError(
+            f"`--init-from {prev}`: no complete checkpoint (checkpoints/step-N) there; finish or --resume that run first"
+        )
+    state = load_trainer_state(ckpt)
+    prev_resolved = (
+        json.loads((prev / CONFIG_NAME).read_text()).get("resolved", {}) if (prev / CONFIG_NAME).exists() else {}
+    )
+    init = _Init(str(prev), ckpt, int(state["step"]), int(state["tokens_seen"]), prev_resolved.get("schedule_steps"))
+    return init, state
+
+
+def _learning_rate(
+    cfg: TrainConfig, state: dict[str, Any] | None, init_state: dict[str, Any] | None, student: Student
+) -> float:
+    """The peak learning rate: a resumed run's (checked by _check_resume), a continued (--init-from) run's, else
+    --lr, else a default per kind."""
+    if state is not None:
+        return float(state["lr"])
+    if init_state is not None:
+        if cfg.lr is not None and cfg.lr != init_state["lr"]:
+            raise ConfigError(
+                f"`--lr {cfg.lr}` with `--init-from {cfg.init_from}`: the schedule continues from that run's "
+                f"learning rate {init_state['lr']}; leave --lr out"
+            )
+        return float(init_state["lr"])
+    if cfg.lr is not None:
+        return cfg.lr
+    return 5e-5 if student.kind == "pretrained" else 1e-3
+
+
+def _schedule_total(cfg: TrainConfig, init: _Init | None, total: int) -> int:
+    """The step where the schedule ends: --schedule-steps, a --init-from run's, or this run's last step. A decaying
+    schedule may not run past it (cosine would rise again, linear sit at 0)."""
+    inherited = init.schedule_steps if init and not cfg.schedule_steps else None
+    out = cfg.schedule_steps or inherited or total
+    if cfg.schedule != "constant" and total > out:
+        source = "the --init-from run's" if inherited else "`--schedule-steps`"
+        raise ConfigError(
+            f"this run ends at step {total}, past the end of the {cfg.schedule} schedule ({source}: step {out}); "
+            "give `--schedule-steps` the last step of the last round"
+        )
+    return out
+
+
 def _write_config(
-    run_dir: Path, cfg: TrainConfig, env: DistEnv, reader: CacheReader, student: Student, total: int
+    run_dir: Path,
+    cfg: TrainConfig,
+    env: DistEnv,
+    reader: CacheReader,
+    student: Student,
+    total: int,
+    schedule_total: int,
+    init: _Init | None,
 ) -> None:
     """RUN_DIR/config.json: the options as given, and what they resolved to (steps, vocabularies, the cache's id)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {
         "steps": total,
+        "schedule_steps": schedule_total,
+        "init_from": init.to_dict() if init else None,
         "world_size": env.world_size,
         "student_kind": student.kind,
         "vocab_size": student.vocab_size,
@@ -376,6 +475,17 @@ def _restore(
     loader: Any,
 ) -> tuple[int, int]:
     """Loads the optimizer, scheduler, stream position and RNG states; returns (step, tokens seen)."""
+    _restore_optimizer(state, cfg, dm, opt, sched)
+    loader.load_state_dict(state["data"][env.rank])
+    rng = state["rng"]  # one entry per rank (a single dict in checkpoints from before CUDA states were kept)
+    _set_rng_state(rng[env.rank] if isinstance(rng, list) else rng, env)
+    return int(state["step"]), int(state["tokens_seen"])
+
+
+def _restore_optimizer(
+    state: dict[str, Any], cfg: TrainConfig, dm: DistillModel, opt: torch.optim.Optimizer, sched: Any
+) -> None:
+    """The optimizer's moments and the scheduler's position (its step) from a checkpoint's trainer state."""
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -383,10 +493,6 @@ def _restore(
     else:
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["data"][env.rank])
-    rng = state["rng"]  # one entry per rank (a single dict in checkpoints from before CUDA states were kept)
-    _set_rng_state(rng[env.rank] if isinstance(rng, list) else rng, env)
-    return int(state["step"]), int(state["tokens_seen"])
 
 
 def _rng_state(env: DistEnv) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -277,6 +278,13 @@ class DistillModel(nn.Module):
         hidden = self.hidden_at(batch["input_ids"], batch["attention_mask"], batch["positions"])
         if evaluate:
             return self._eval_sums(hidden, batch)
+        return self.loss(hidden, batch, normalizer)
+
+    def loss(
+        self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor], normalizer: float | None = None
+    ) -> LossParts:
+        """The `LossParts` of final hidden states [N, D] at a batch's N loss positions (its `target_ids`,
+        `target_probs`, `tail_mass` and `next_token_ids`): the training loss, also of train/hf.py's `KDTrainer`."""
         teacher = TeacherTargets.from_batch(batch)
         if self.settings.fused_loss:
             return fused_distillation_loss(
