@@ -28,6 +28,7 @@ from logitcache.storage.schema import (
     PendingReplicasError,
     ShardEntry,
 )
+from logitcache.storage.store import CacheStore, StorageLocationError
 from logitcache.storage.targets import TARGET_MODES, SparseTargets, TargetSpec, sparse_targets
 from logitcache.storage.verify import VerifyReport, verify_cache
 from logitcache.storage.writer import ShardWriter
@@ -39,6 +40,7 @@ __all__ = [
     "CacheFormatError",
     "CacheLayout",
     "CacheReader",
+    "CacheStore",
     "CachedSequence",
     "CaptureState",
     "IdentityMismatchError",
@@ -50,6 +52,7 @@ __all__ = [
     "RowGroup",
     "ShardEntry",
     "ShardWriter",
+    "StorageLocationError",
     "SparseTargets",
     "TARGET_MODES",
     "TargetSpec",

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.storage.fingerprint import sha256_file
-from logitcache.storage.layout import CacheLayout
 from logitcache.storage.records import CachedSequence
 from logitcache.storage.schema import (
     CAPTURE_NAME,
     FORMAT_VERSION,
+    LOGS_DIR,
     REPLICAS_DIR,
     SHARDS_DIR,
     CacheFormatError,
@@ -29,8 +30,9 @@ from logitcache.storage.schema import (
     shard_entry,
     validate_header,
 )
+from logitcache.storage.store import CacheStore
 from logitcache.storage.targets import TargetSpec
-from logitcache.storage.writer import ShardWriter, atomic_write_json, shard_name_re
+from logitcache.storage.writer import ShardWriter, shard_name_re
 
 __all__ = [
     "CaptureState",
@@ -86,11 +88,11 @@ def _identity(header: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _IDENTITY_IGNORED}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(store: CacheStore, path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(store.read_text(path))
     except json.JSONDecodeError as e:
-        raise CacheFormatError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+        raise CacheFormatError(f"{store.name(path)}: not valid JSON ({e}); the file is damaged") from None
 
 
 def with_targets(header: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,59 +110,61 @@ def open_capture(cache_dir: str | Path, header: Mapping[str, Any]) -> CaptureSta
     CacheFormatError when the directory holds something else, or a cache made with other settings (naming each
     differing field), so a rerun can never mix two teachers' outputs in one cache.
     """
-    layout = CacheLayout(Path(cache_dir))
-    root = layout.root
+    store = CacheStore(cache_dir)
+    if not store.is_local:
+        store.check_bucket()  # first: a wrong endpoint or bucket is named as such, not as a failed read
+    layout, root = store.layout, store.root
     header = {"format_version": FORMAT_VERSION, "logitcache_version": logitcache_version(), **with_targets(header)}
     validate_header(header, "capture header")
     capture_path = layout.capture
-    if capture_path.exists():
-        existing = _read_json(capture_path)
+    if store.exists(capture_path):
+        existing = _read_json(store, capture_path)
         old, new = _identity(existing), _identity(header)
         diffs = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if diffs:
             detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diffs[:8])
             raise IdentityMismatchError(
-                f"{root} already holds a cache made with different settings ({detail}). "
+                f"{store.name()} already holds a cache made with different settings ({detail}). "
                 "Use another --output directory, or delete this one to recapture.",
                 diffs,
             )
-        return CaptureState(root, existing, layout.manifest.exists())
-    if root.exists() and not root.is_dir():
-        raise CacheFormatError(f"{root} is a file, not a cache directory; choose a new --output directory")
+        return CaptureState(root, existing, store.exists(layout.manifest))
+    if store.is_file(root):
+        raise CacheFormatError(f"{store.name()} is a file, not a cache directory; choose a new --output directory")
     # Entries another replica may have made while creating this same cache a moment ago (capture.json comes
-    # first, but its temporary file, and subfolders of an older logitcache, can be seen before the rename).
-    in_creation = {SHARDS_DIR, REPLICAS_DIR}
-    foreign = sorted(
-        p.name
-        for p in (root.iterdir() if root.exists() else ())
-        if p.name not in in_creation and not p.name.startswith(f".{CAPTURE_NAME}")
-    )
+    # first, but its temporary file, and subfolders of an older logitcache, can be seen before the rename), and the
+    # logs a launcher opens for its replicas before they start.
+    in_creation = {SHARDS_DIR, REPLICAS_DIR, LOGS_DIR}
+    foreign = [n for n in store.names(root) if n not in in_creation and not n.startswith(f".{CAPTURE_NAME}")]
     if foreign:
         raise CacheFormatError(
-            f"{root} exists and is not a logitcache cache (no {CAPTURE_NAME}; it holds {', '.join(foreign[:3])}); "
+            f"{store.name()} exists and is not a logitcache cache (no {CAPTURE_NAME}; it holds "
+            f"{', '.join(foreign[:3])}); "
             "choose an empty or new --output directory"
         )
-    root.mkdir(parents=True, exist_ok=True)
+    store.makedirs(root)
     header = {**header, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(capture_path, header)  # first: from now on the directory is recognisably a cache
-    layout.shards_dir.mkdir(exist_ok=True)
-    layout.replicas_dir.mkdir(exist_ok=True)
+    store.write_json(capture_path, header)  # first: from now on the directory is recognisably a cache
+    store.makedirs(layout.shards_dir)
+    store.makedirs(layout.replicas_dir)
     return CaptureState(root, header, False)
 
 
-def describe_shard(path: Path) -> ShardEntry:
+def describe_shard(store: CacheStore, path: Path) -> ShardEntry:
     """Sidecar metadata recomputed from a complete shard file (when a process died before writing it)."""
-    pf = pq.ParquetFile(path)
-    table = pf.read(columns=["sequence_id", "input_ids"])
+    with store.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        table = pf.read(columns=["sequence_id", "input_ids"])
+        num_row_groups = pf.metadata.num_row_groups
     ids = table.column("sequence_id").to_numpy()
     lengths = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
     return ShardEntry(
         path=f"{SHARDS_DIR}/{path.name}",
         num_sequences=len(ids),
         num_tokens=int(lengths.sum()),
-        num_row_groups=pf.metadata.num_row_groups,
-        num_bytes=path.stat().st_size,
-        sha256=sha256_file(path),
+        num_row_groups=num_row_groups,
+        num_bytes=store.size(path),
+        sha256=sha256_file(path) if store.is_local else store.sha256(path),
         sequence_id_min=int(ids.min()),
         sequence_id_max=int(ids.max()),
     )
@@ -169,36 +173,59 @@ def describe_shard(path: Path) -> ShardEntry:
 def complete_shards(cache_dir: str | Path, prefix: str | None = None) -> list[ShardEntry]:
     """Entries (sidecars) of the finished shards (all, or one replica's `prefix`), sorted by path.
 
-    Deletes that prefix's half-written `*.tmp` files (a killed writer's leftovers) and rewrites missing sidecars.
+    Deletes that prefix's half-written `*.tmp` files (a killed writer's leftovers: in the shards folder, or in the
+    local staging folder of a cache on object storage) and rewrites missing sidecars.
     """
-    shard_dir = CacheLayout(Path(cache_dir)).shards_dir
-    if not shard_dir.is_dir():
+    store = CacheStore(cache_dir)
+    shard_dir = store.layout.shards_dir
+    if store.is_local and not shard_dir.is_dir():
         return []
+    _remove_unfinished(store.staging_dir(), prefix)
+    names = store.names(shard_dir)
     out: list[ShardEntry] = []
-    for p in sorted(shard_dir.iterdir()):
-        if p.name.endswith(".tmp"):
-            m = shard_name_re.match(p.name.removesuffix(".tmp"))
-            if m and (prefix is None or m["prefix"] == prefix):
-                log.info("removing unfinished shard %s", p)
-                p.unlink()
-            continue
-        m = shard_name_re.match(p.name)
+    for name in names:
+        m = shard_name_re.match(name)
         if not m or (prefix is not None and m["prefix"] != prefix):
             continue
-        sidecar = p.with_name(p.name + ".json")
-        if sidecar.exists():
-            out.append(shard_entry(_read_json(sidecar), str(sidecar)))
-        else:
-            info = describe_shard(p)
-            atomic_write_json(sidecar, info)
+        sidecar = shard_dir / f"{name}.json"
+        if sidecar.name in names:
+            out.append(shard_entry(_read_json(store, sidecar), store.name(sidecar)))
+        elif (info := _describe_published(store, shard_dir / name)) is not None:
+            store.write_json(sidecar, info)
             out.append(info)
     return out
 
 
+def _remove_unfinished(staging: Path, prefix: str | None) -> None:
+    """Deletes the `*.tmp` shards of `prefix` (all prefixes: None) in `staging`: a killed writer's leftovers."""
+    for p in sorted(staging.iterdir()):
+        m = shard_name_re.match(p.name.removesuffix(".tmp")) if p.name.endswith(".tmp") else None
+        if m and (prefix is None or m["prefix"] == prefix):
+            log.info("removing unfinished shard %s", p)
+            p.unlink()
+
+
+def _describe_published(store: CacheStore, path: Path) -> ShardEntry | None:
+    """The entry of a shard whose sidecar is missing; None (and the object deleted) for a remote object that is
+    not a whole shard: one left by an upload that failed part-way and whose clean-up failed too (store.py)."""
+    if store.is_local:
+        return describe_shard(store, path)  # renamed into place only when complete
+    try:
+        return describe_shard(store, path)
+    except (OSError, pa.ArrowException) as e:
+        log.warning("%s is not a whole shard (%s); deleting it, its sequences are recomputed", store.name(path), e)
+        store.delete(path)
+        return None
+
+
 def done_sequence_ids(cache_dir: str | Path, shards: Sequence[ShardEntry]) -> np.ndarray:
     """int64 ids of every sequence stored in `shards` (reads only the sequence_id column)."""
-    root = Path(cache_dir)
-    parts = [pq.read_table(root / s["path"], columns=["sequence_id"]).column(0).to_numpy() for s in shards]
+    store = CacheStore(cache_dir)
+    fs = None if store.is_local else store.fs
+    parts = [
+        pq.read_table(str(store.root / s["path"]), columns=["sequence_id"], filesystem=fs).column(0).to_numpy()
+        for s in shards
+    ]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -206,9 +233,10 @@ def write_replica_summary(
     cache_dir: str | Path, *, replica: int, num_replicas: int, summary: Mapping[str, Any]
 ) -> None:
     """Records that replica `replica` of `num_replicas` finished (rows seen, skipped rows by reason, ...)."""
-    layout = CacheLayout(Path(cache_dir))
-    layout.replicas_dir.mkdir(exist_ok=True)
-    atomic_write_json(
+    store = CacheStore(cache_dir)
+    layout = store.layout
+    store.makedirs(layout.replicas_dir)
+    store.write_json(
         layout.replica_summary(replica, num_replicas), {"replica": replica, "num_replicas": num_replicas, **summary}
     )
 
@@ -218,26 +246,26 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
 
     Raises PendingReplicasError when a replica has not finished, CacheFormatError when a sequence id appears twice.
     """
-    layout = CacheLayout(Path(cache_dir))
-    root = layout.root
-    if not layout.capture.exists():
-        raise CacheFormatError(f"{root} is not a logitcache cache (no {CAPTURE_NAME}): nothing to finalize")
-    header = _read_json(layout.capture)
+    store = CacheStore(cache_dir)
+    layout = store.layout
+    if not store.exists(layout.capture):
+        raise CacheFormatError(f"{store.name()} is not a logitcache cache (no {CAPTURE_NAME}): nothing to finalize")
+    header = _read_json(store, layout.capture)
     n = int(header.get("num_replicas", 1))
-    missing = [i for i in range(n) if not layout.replica_summary(i, n).exists()]
+    missing = [i for i in range(n) if not store.exists(layout.replica_summary(i, n))]
     if missing:
         raise PendingReplicasError(
-            f"{root}: replica(s) {missing} of {n} have not finished; rerun cache-teacher with "
+            f"{store.name()}: replica(s) {missing} of {n} have not finished; rerun cache-teacher with "
             f"--replica I --num-replicas {n} for each, then finalize",
             missing,
         )
-    summaries = [_read_json(layout.replica_summary(i, n)) for i in range(n)]
-    shards = complete_shards(root)
-    ids = done_sequence_ids(root, shards)
+    summaries = [_read_json(store, layout.replica_summary(i, n)) for i in range(n)]
+    shards = complete_shards(cache_dir)
+    ids = done_sequence_ids(cache_dir, shards)
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dup = uniq[counts > 1][:5].tolist()
-        raise CacheFormatError(f"{root}: sequence ids stored twice (e.g. {dup}); the cache is inconsistent")
+        raise CacheFormatError(f"{store.name()}: sequence ids stored twice (e.g. {dup}); the cache is inconsistent")
     skipped: Counter[str] = Counter()
     skipped_windows: Counter[str] = Counter()
     for s in summaries:
@@ -259,7 +287,7 @@ def finalize_cache(cache_dir: str | Path) -> dict[str, Any]:
         "replicas": summaries,
         "shards": shards,
     }
-    atomic_write_json(layout.manifest, manifest)
+    store.write_json(layout.manifest, manifest)  # last: its presence says every shard above is whole
     return manifest
 
 

@@ -48,3 +48,7 @@ class CacheLayout:
     def capture_log(self, replica: int) -> Path:
         """The JSONL throughput log of one replica's capture."""
         return self.logs_dir / f"capture-{replica_prefix(replica)}.jsonl"
+
+    def replica_log(self, replica: int) -> Path:
+        """The output (stdout + stderr, every attempt) of one replica's process under a launcher (`--launcher ray`)."""
+        return self.logs_dir / f"replica-{replica_prefix(replica)}.log"

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,21 +29,13 @@ from logitcache.storage.schema import (
     v1_arrow_schema,
     validate_manifest,
 )
+from logitcache.storage.store import filesystem
 from logitcache.storage.targets import SparseTargets, TargetSpec
 
 __all__ = ["CacheReader", "decode_table", "decode_targets"]
 
 # Version 2 columns of M values per position that read_targets reads from their pages (storage/pages.py).
 _PAGED_COLUMNS = ("entry_ids", "entry_logprobs", "sample_counts")
-
-
-def _filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the root inside it: local paths and URLs (s3://, gs://, file://) alike."""
-    s = str(path)
-    if "://" in s:
-        fs, root = pafs.FileSystem.from_uri(s)
-        return fs, root.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(s).absolute())
 
 
 def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +241,7 @@ class CacheReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
-        self._fs, self._root = _filesystem(path)
+        self._fs, self._root = filesystem(path)
         manifest_path = f"{self._root}/{MANIFEST_NAME}"
         info = self._fs.get_file_info(manifest_path)
         if info.type != pafs.FileType.File:

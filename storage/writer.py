@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from logitcache.storage.invariants import value_problems
 from logitcache.storage.layout import replica_prefix
 from logitcache.storage.records import CachedSequence
 from logitcache.storage.schema import SHARDS_DIR, ShardEntry, arrow_schema
+from logitcache.storage.store import CacheStore, atomic_write_json
 from logitcache.storage.targets import TargetSpec
 
 __all__ = ["ShardWriter", "encode_table", "PARQUET_OPTIONS", "atomic_write_json", "shard_name_re"]
@@ -46,27 +45,6 @@ PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 shard_name_re = re.compile(r"^(?P<prefix>[A-Za-z0-9_]+)-(?P<index>\d{6})\.parquet$")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Writes JSON to a temporary file, fsyncs it and renames it over `path`: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -124,8 +102,9 @@ class ShardWriter:
 
     A shard is written under a temporary name, fsynced, hashed and renamed into place, then described by a sidecar
     `{shard}.json`; a process killed at any moment leaves either a complete shard or a `.tmp` file that
-    `complete_shards` deletes. Sequences still buffered when a process dies were never promised: the capture
-    recomputes them.
+    `complete_shards` deletes. For a cache on object storage the `.tmp` file is local (`CacheStore.staging_dir`) and
+    "renamed into place" is one upload of the complete file. Sequences still buffered when a process dies were never
+    promised: the capture recomputes them.
 
     As a context manager it closes on success; on an exception it aborts: the open shard's `.tmp` file is deleted
     and buffered sequences are dropped (shards completed earlier stay: they are whole).
@@ -152,8 +131,9 @@ class ShardWriter:
                 f"top_k={top_k} but the target mode {self.targets.to_header()} stores up to "
                 f"{self.targets.max_entries} entries per position; pass top_k=targets.max_entries"
             )
-        self.dir = Path(cache_dir) / SHARDS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = CacheStore(cache_dir)
+        self.store.makedirs(self.store.layout.shards_dir)
+        self.dir = self.store.staging_dir()  # where the open shard is written (the shards folder, for a local cache)
         self.top_k = top_k
         self.codec = parse_codec(codec)
         self.schema = arrow_schema(codec, sampled=self.targets.mode == "sampled")
@@ -162,7 +142,8 @@ class ShardWriter:
         self.shard_size_bytes = shard_size_bytes
         self.row_group_bytes = row_group_bytes
         self.options = dict(PARQUET_OPTIONS if parquet_options is None else parquet_options)
-        existing = [m for p in self.dir.iterdir() if (m := shard_name_re.match(p.name)) and m["prefix"] == prefix]
+        names = self.store.names(self.store.layout.shards_dir)
+        existing = [m for n in names if (m := shard_name_re.match(n)) and m["prefix"] == prefix]
         self._next_index = max((int(m["index"]) for m in existing), default=-1) + 1
         self._buffer: list[CachedSequence] = []
         self._buffer_bytes = 0
@@ -239,9 +220,7 @@ class ShardWriter:
     def _finish_shard(self) -> ShardEntry:
         assert self._writer is not None and self._tmp is not None
         self._writer.close()
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self._tmp.with_name(self._tmp.name.removesuffix(".tmp"))
+        final = self.store.layout.shards_dir / self._tmp.name.removesuffix(".tmp")
         info = ShardEntry(
             path=self._stats["path"],
             num_sequences=self._stats["num_sequences"],
@@ -252,9 +231,8 @@ class ShardWriter:
             sequence_id_min=int(min(self._ids)),
             sequence_id_max=int(max(self._ids)),
         )
-        os.replace(self._tmp, final)
-        _fsync_dir(self.dir)
-        atomic_write_json(final.with_name(final.name + ".json"), info)
-        log.debug("wrote %s: %d sequences, %d bytes", final, info["num_sequences"], info["num_bytes"])
+        self.store.publish(self._tmp, final)  # whole or not at all: a rename, or one upload (storage/store.py)
+        self.store.write_json(final.with_name(final.name + ".json"), info)
+        log.debug("wrote %s: %d sequences, %d bytes", self.store.name(final), info["num_sequences"], info["num_bytes"])
         self._writer, self._tmp, self._next_index = None, None, self._next_index + 1
         return info

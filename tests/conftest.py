@@ -7,12 +7,21 @@ its demo data. Tests must treat them as read-only (copy them with `shutil.copytr
 
 from __future__ import annotations
 
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.s3server import S3Server
+
 TINY_TOP_K = 16
 TINY_MAX_SEQ_LEN = 64
+_bucket_numbers = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +81,32 @@ def tiny_chat_cache_dir(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFa
     return _capture(
         tiny_demo_dir / "teacher", tiny_demo_dir / "data" / "chat.jsonl", out, limit=6, messages_field="messages"
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-protocol server (moto's server mode, a subprocess) for the session; skips when it cannot start."""
+    from tests.s3server import start_s3_server
+
+    server = start_s3_server()
+    if isinstance(server, str):
+        pytest.skip(f"no S3-protocol server for the object-storage tests: {server}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A new empty bucket on `s3_server`, named for the test; the AWS variables point at the server (and are
+    inherited by subprocesses), and TMPDIR is the test's own, so staged shards stay inside it."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # gettempdir() caches its answer per process
+    bucket = f"t-{os.getpid()}-{next(_bucket_numbers)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return bucket

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from logitcache.storage import CacheLayout, CacheReader, LMHeadTransform, tokenizer_fingerprint
+from logitcache.storage import CacheLayout, CacheReader, CacheStore, LMHeadTransform, tokenizer_fingerprint
 from logitcache.train.config import DEFAULT_KD, KDSettings
 from logitcache.train.fused import fused_distillation_loss
 from logitcache.train.losses import LossParts, TeacherTargets, chunked_distillation_loss, kd_loss_per_position
@@ -105,6 +105,10 @@ def _tokenizer_candidates(reader: CacheReader) -> list[str]:
         local.append(str(CacheLayout(cache).tokenizer_dir))
         for n in names:
             local += [n, str(cache / n), str(cache.parent / n)]
+    else:  # on object storage: the cache's own copy, downloaded once, then the names as local paths
+        store = CacheStore(reader.path)
+        copy = store.local_copy(store.layout.tokenizer_dir, version=str(info.get("fingerprint")))
+        local += ([str(copy)] if copy is not None else []) + [str(n) for n in names]
     found = [c for c in dict.fromkeys(local) if (Path(c) / "tokenizer.json").is_file()]
     hub = [str(n) for n in names if not Path(str(n)).exists() and str(n).count("/") == 1]
     return found + hub
