@@ -24,6 +24,7 @@ __all__ = [
     "load_trainer_state",
 ]
 
+CONFIG_NAME = "config.json"  # RUN_DIR/config.json: the options and what they resolved to (train/loop.py)
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 TRAINER_STATE = "trainer_state.pt"

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,20 @@ import torch
 from torch import nn
 
 from logitcache.storage import CacheReader
-from logitcache.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, save_final
+from logitcache.train.checkpoint import (
+    CONFIG_NAME,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    save_final,
+)
 from logitcache.train.config import ConfigError, KDSettings, TrainConfig
 from logitcache.train.cpu_malloc import tune_cpu_malloc
 from logitcache.train.data import CacheStream, steps_for_epochs
 from logitcache.train.distributed import DistEnv, all_reduce_sum, gather_to_rank0, init_distributed, shutdown
 from logitcache.train.evaluate import evaluate
 from logitcache.train.packing import packing_problem
+from logitcache.train.rounds import InitPoint, init_point, learning_rate, schedule_total
 from logitcache.train.student import DistillModel, Student, build_student
 from logitcache.train.tracking import Tracker, open_tracker
 
@@ -30,7 +37,6 @@ __all__ = ["train", "RESUMABLE_CHANGES", "CONFIG_NAME", "METRICS_NAME"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 # Options that may change between a run and its --resume without changing the batches or the math.
 RESUMABLE_CHANGES = frozenset(
@@ -249,13 +255,13 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
     if problems:
         raise ConfigError("invalid training options for this cache:\n  - " + "\n  - ".join(problems))
     ckpt, state = _resume_point(run_dir, cfg, reader, env)
-    init, init_state = _init_point(cfg, run_dir)
+    init, init_state = init_point(cfg, run_dir)
     weights = ckpt or (init.checkpoint if init else None)
     student = build_student(str(weights) if weights else cfg.student, reader, cfg.tokenizer, cfg.seed)
     if cfg.pack and (why := packing_problem(student.model)):
         log.warning("not packing sequences (as --no-pack): %s", why)
         cfg = cfg.replace(pack=False)
-    cfg = cfg.replace(lr=_learning_rate(cfg, state, init_state, student))
+    cfg = cfg.replace(lr=learning_rate(cfg, state, init_state, student))
     steps = cfg.steps or steps_for_epochs(
         reader.manifest,
         cfg.epochs or 1.0,
@@ -266,13 +272,13 @@ def _set_up(cfg: TrainConfig, env: DistEnv, batch_hook: BatchHook | None) -> _Ru
         env.world_size,
     )
     total = (init.step if init else 0) + steps  # the last step: steps are numbered on from a --init-from run's
-    schedule_total = _schedule_total(cfg, init, total)
+    schedule_end = schedule_total(cfg, init, total)
     if env.is_main:
-        _write_config(run_dir, cfg, env, reader, student, total, schedule_total, init)
+        _write_config(run_dir, cfg, env, reader, student, total, schedule_end, init)
     dm = _distill_model(student, cfg.kd_settings(target_mode), cfg, env)
     model = _wrap(dm, cfg, env)
     opt = _optimizer(dm, cfg, float(cfg.lr or 0.0), env.device)
-    sched = _scheduler(opt, cfg, schedule_total)
+    sched = _scheduler(opt, cfg, schedule_end)
     loader = _loader(cfg, env)
     start, tokens_seen = (init.step, init.tokens_seen) if init else (0, 0)
     if state is not None:
@@ -327,76 +333,6 @@ def _resume_point(
     return ckpt, state
 
 
-@dataclass(frozen=True)
-class _Init:
-    """Where a `--init-from` run starts: the previous run's checkpoint and its step, tokens and schedule."""
-
-    run: str
-    checkpoint: Path
-    step: int
-    tokens_seen: int
-    schedule_steps: int | None  # the previous run's schedule (None: it recorded none)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "checkpoint": str(self.checkpoint)}
-
-
-def _init_point(cfg: TrainConfig, run_dir: Path) -> tuple[_Init | None, dict[str, Any] | None]:
-    """(the start of a --init-from run, the previous checkpoint's trainer state); (None, None) without --init-from.
-    A resumed --init-from run reads its start from its own config.json (the state then comes from its checkpoint)."""
-    if not cfg.init_from:
-        return None, None
-    saved = run_dir / CONFIG_NAME
-    if saved.exists():
-        doc = json.loads(saved.read_text())["resolved"]["init_from"]
-        return _Init(**{**doc, "checkpoint": Path(doc["checkpoint"])}), None
-    prev = Path(cfg.init_from)
-    ckpt = latest_checkpoint(prev)
-    if ckpt is None:
-        raise ConfigError(
-            f"`--init-from {prev}`: no complete checkpoint (checkpoints/step-N) there; finish or --resume that run first"
-        )
-    state = load_trainer_state(ckpt)
-    prev_resolved = (
-        json.loads((prev / CONFIG_NAME).read_text()).get("resolved", {}) if (prev / CONFIG_NAME).exists() else {}
-    )
-    init = _Init(str(prev), ckpt, int(state["step"]), int(state["tokens_seen"]), prev_resolved.get("schedule_steps"))
-    return init, state
-
-
-def _learning_rate(
-    cfg: TrainConfig, state: dict[str, Any] | None, init_state: dict[str, Any] | None, student: Student
-) -> float:
-    """The peak learning rate: a resumed run's (checked by _check_resume), a continued (--init-from) run's, else
-    --lr, else a default per kind."""
-    if state is not None:
-        return float(state["lr"])
-    if init_state is not None:
-        if cfg.lr is not None and cfg.lr != init_state["lr"]:
-            raise ConfigError(
-                f"`--lr {cfg.lr}` with `--init-from {cfg.init_from}`: the schedule continues from that run's "
-                f"learning rate {init_state['lr']}; leave --lr out"
-            )
-        return float(init_state["lr"])
-    if cfg.lr is not None:
-        return cfg.lr
-    return 5e-5 if student.kind == "pretrained" else 1e-3
-
-
-def _schedule_total(cfg: TrainConfig, init: _Init | None, total: int) -> int:
-    """The step where the schedule ends: --schedule-steps, a --init-from run's, or this run's last step. A decaying
-    schedule may not run past it (cosine would rise again, linear sit at 0)."""
-    inherited = init.schedule_steps if init and not cfg.schedule_steps else None
-    out = cfg.schedule_steps or inherited or total
-    if cfg.schedule != "constant" and total > out:
-        source = "the --init-from run's" if inherited else "`--schedule-steps`"
-        raise ConfigError(
-            f"this run ends at step {total}, past the end of the {cfg.schedule} schedule ({source}: step {out}); "
-            "give `--schedule-steps` the last step of the last round"
-        )
-    return out
-
-
 def _write_config(
     run_dir: Path,
     cfg: TrainConfig,
@@ -405,7 +341,7 @@ def _write_config(
     student: Student,
     total: int,
     schedule_total: int,
-    init: _Init | None,
+    init: InitPoint | None,
 ) -> None:
     """RUN_DIR/config.json: the options as given, and what they resolved to (steps, vocabularies, the cache's id)."""
     run_dir.mkdir(parents=True, exist_ok=True)
