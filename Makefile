@@ -19,7 +19,7 @@ OUT ?= $(WORK)/student
 ARGS ?=
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test check cache-teacher train-student demo demo-teacher bench bench-quick clean
+.PHONY: setup test check cache-teacher train-student demo demo-teacher on-policy bench bench-quick clean
 
 setup: $(VENV)/.deps $(VENV)/.pkg
 
@@ -62,6 +62,36 @@ train-student: setup
 
 demo: setup
 	$(BIN)/python benchmarks/demo.py --work $(WORK)
+
+# On-policy distillation in rounds, the teacher never resident (README "Distilling generation"): the student of
+# BASE (a train-student run) continues PROMPTS, the teacher scores exactly its tokens (top-k + tail), the student
+# trains on them with reverse KL, continuing its optimizer and one learning-rate schedule (--init-from). Every
+# round's responses, cache and run are ordinary outputs in ON_POLICY/round-N/; a rerun skips or resumes each step.
+ROUNDS ?= 2
+ROUND_STEPS ?= 40
+ROUND_PROMPTS ?= 128
+BASE ?= $(WORK)/student-kd
+PROMPTS ?= $(WORK)/data/train.jsonl
+ON_POLICY ?= $(WORK)/on-policy
+on-policy: setup
+	@test -f $(BASE)/config.json || { echo "BASE=$(BASE) is not a train-student run: run make demo, or set BASE=RUN_DIR"; exit 2; }
+	set -e; prev=$(BASE); \
+	last=$$($(BIN)/python -c "import json; print(json.load(open('$(BASE)/config.json'))['resolved']['steps'])"); \
+	for r in $$(seq 1 $(ROUNDS)); do \
+	  d=$(ON_POLICY)/round-$$r; \
+	  $(BIN)/logitcache generate --model $$prev/final --dataset $(PROMPTS) --output $$d/responses --prompt-format text \
+	    --prompt-tokens 32 --max-prompts $(ROUND_PROMPTS) --n 2 --max-new-tokens 64 --seed $$r --no-progress; \
+	  $(BIN)/logitcache cache-teacher --teacher $(TEACHER) --dataset $$d/responses/data.jsonl --output $$d/cache \
+	    --response-ids --targets topk --top-k 32 --no-progress; \
+	  if [ ! -d $$d/student/final ]; then \
+	    flags="--init-from $$prev --loss reverse_kl --steps $(ROUND_STEPS)"; \
+	    if [ $$r = 1 ]; then flags="$$flags --schedule-steps $$((last + $(ROUNDS) * $(ROUND_STEPS)))"; fi; \
+	    if [ -f $$d/student/config.json ]; then flags="$$flags --resume"; fi; \
+	    $(BIN)/logitcache train-student --cache $$d/cache --output $$d/student $$flags $(ARGS); \
+	  fi; \
+	  prev=$$d/student; \
+	done; \
+	echo "on-policy: $(ROUNDS) rounds in $(ON_POLICY); the last student: $$prev/final"
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -14,10 +15,13 @@ from typing import IO, Any
 from logitcache.pipeline.backends import TeacherBackend
 from logitcache.pipeline.config import CaptureConfig
 from logitcache.pipeline.data import DataSummary, LoadedDataset, chat_template_sha256, iter_windows, load_rows
+from logitcache.pipeline.generate import DATA_FILE as GENERATE_DATA_FILE
+from logitcache.pipeline.generate import GENERATION_FILE
 from logitcache.pipeline.teacher import TeacherInfo, resolve_teacher, weights_sha256
 from logitcache.storage import (
     DEFAULT_CODEC,
     CacheLayout,
+    CacheStore,
     PendingReplicasError,
     ShardWriter,
     complete_shards,
@@ -58,7 +62,7 @@ class CaptureResult:
     "already_finished" (nothing to do)."""
 
     status: str
-    cache_dir: Path
+    cache_dir: Path | str  # a local directory, or the URL of one on object storage
     summary: dict[str, Any]
     manifest: dict[str, Any] | None = None
 
@@ -118,6 +122,8 @@ def build_header(
             "tail_method": tail_method,
             "chat_template_sha256": chat_template_sha256(tok) if cfg.messages_field else None,
             "add_special_tokens": cfg.messages_field is None,
+            # only when set: sequences are prompt + response token ids as generated, the response alone trained
+            **({"response_ids": True} if cfg.response_ids or cfg.generate else {}),
             # only when not the default (assistant), so caches made before --train-roles keep their identity
             **(
                 {"train_roles": list(cfg.train_role_names)}
@@ -209,7 +215,7 @@ def _check_settings(cfg: CaptureConfig, teacher: TeacherInfo) -> None:
         )
 
 
-def _try_finalize(cache_dir: Path) -> dict[str, Any] | None:
+def _try_finalize(cache_dir: Path | str) -> dict[str, Any] | None:
     try:
         return finalize_cache(cache_dir)
     except PendingReplicasError as e:
@@ -224,8 +230,18 @@ class _OpenedCache:
     teacher: TeacherInfo
     data: LoadedDataset
     max_seq_len: int
-    layout: CacheLayout
+    store: CacheStore  # where the cache lives (a local directory or object storage): all its I/O goes through it
     finished: bool  # the cache already has its manifest
+
+    @property
+    def layout(self) -> CacheLayout:
+        """The cache's file names; on object storage use them through `store`, never through `Path` methods."""
+        return self.store.layout
+
+    @property
+    def where(self) -> Path | str:
+        """The cache as the storage functions take it and messages name it: its local path, or its URL."""
+        return self.store.root if self.store.is_local else self.store.location
 
 
 def _open_cache(cfg: CaptureConfig, backend: TeacherBackend | None) -> _OpenedCache:
@@ -240,29 +256,70 @@ def _open_cache(cfg: CaptureConfig, backend: TeacherBackend | None) -> _OpenedCa
     teacher = resolve_teacher(cfg.teacher, cfg.dtype, cfg.revision, cfg.trust_remote_code)
     _check_settings(cfg, teacher)
     max_seq_len = resolve_max_seq_len(cfg, teacher)
-    data = load_rows(cfg.dataset, cfg.split, cfg.limit)
+    data = _load_capture_rows(cfg, teacher)
     header = build_header(cfg, teacher, data, max_seq_len, _engine_version(cfg.backend), _tail_method(cfg, backend))
     state = open_capture(cfg.output, header)
-    layout = CacheLayout(Path(cfg.output))
-    if not layout.tokenizer_dir.exists():
-        # a copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout
-        teacher.tokenizer.save_pretrained(layout.tokenizer_dir)
-    return _OpenedCache(teacher, data, max_seq_len, layout, state.finished)
+    store = CacheStore(cfg.output)
+    _save_tokenizer(store, teacher)
+    return _OpenedCache(teacher, data, max_seq_len, store, state.finished)
 
 
-def _nothing_to_capture(cfg: CaptureConfig, cache: _OpenedCache) -> CaptureResult | None:
+def _save_tokenizer(store: CacheStore, teacher: TeacherInfo) -> None:
+    """A copy of the tokenizer makes the cache self-contained: students and `inspect` need no teacher checkout."""
+    folder = store.layout.tokenizer_dir
+    if store.is_local:
+        if not folder.exists():
+            teacher.tokenizer.save_pretrained(folder)
+        return
+    if store.names(folder):
+        return
+    with tempfile.TemporaryDirectory(prefix="logitcache-tokenizer-") as tmp:
+        teacher.tokenizer.save_pretrained(tmp)
+        store.put_dir(Path(tmp), folder)
+
+
+def _load_capture_rows(cfg: CaptureConfig, teacher: TeacherInfo) -> LoadedDataset:
+    """The rows to score: the dataset, or with --generate the responses written into --generate-output (the prompt
+    limit and split applied when they were generated). Rows scored on their token ids must come from a generator
+    with the teacher's tokenizer."""
+    if not cfg.generate:
+        data = load_rows(cfg.dataset, cfg.split, cfg.limit)
+    else:
+        data = load_rows(str(Path(cfg.responses_dir) / GENERATE_DATA_FILE))
+    if cfg.response_ids or cfg.generate:
+        _check_generator_tokenizer(Path(data.source), teacher)
+    return data
+
+
+def _check_generator_tokenizer(source: Path, teacher: TeacherInfo) -> None:
+    """Refuses token ids made with another tokenizer, when the generation.json next to the rows says which."""
+    generation = (source if source.is_dir() else source.parent) / GENERATION_FILE
+    if not generation.exists():
+        logger.info("%s: no %s records the generator's tokenizer; ids are only range-checked", source, GENERATION_FILE)
+        return
+    made_with = json.loads(generation.read_text()).get("identity", {}).get("model", {})
+    ours = tokenizer_fingerprint(teacher.tokenizer.backend_tokenizer.to_str())
+    if made_with.get("tokenizer_fingerprint") != ours:
+        raise ValueError(
+            f"the responses in {source} were generated by {made_with.get('path')} with another tokenizer "
+            f"(fingerprint {made_with.get('tokenizer_fingerprint')}, the teacher's is {ours}): their token ids mean "
+            "other tokens to this teacher; score their text instead (drop --response-ids, --messages-field messages)"
+        )
+
+
+def _nothing_to_capture(cfg: CaptureConfig, cache: _OpenedCache, finalize: bool = True) -> CaptureResult | None:
     """The result when the cache, or this replica's part of it, is already done; None when there is work."""
-    layout = cache.layout
+    layout, store = cache.layout, cache.store
     if cache.finished:
-        logger.info("%s is already a finished cache (%s exists): nothing to do", layout.root, layout.manifest.name)
-        return CaptureResult("already_finished", layout.root, {}, json.loads(layout.manifest.read_text()))
+        logger.info("%s is already a finished cache (%s exists): nothing to do", cache.where, layout.manifest.name)
+        return CaptureResult("already_finished", cache.where, {}, json.loads(store.read_text(layout.manifest)))
     summary_file = layout.replica_summary(cfg.replica, cfg.num_replicas)
-    if not summary_file.exists():
+    if not store.exists(summary_file):
         return None
     logger.info("replica %d already finished; finalizing if every replica has", cfg.replica)
-    manifest = _try_finalize(layout.root)
+    manifest = _try_finalize(cache.where) if finalize else None
     status = "finished" if manifest else "replica_done"
-    return CaptureResult(status, layout.root, json.loads(summary_file.read_text()), manifest)
+    return CaptureResult(status, cache.where, json.loads(store.read_text(summary_file)), manifest)
 
 
 def _open_writer(cfg: CaptureConfig, cache: _OpenedCache) -> ShardWriter:
@@ -275,7 +332,7 @@ def _open_writer(cfg: CaptureConfig, cache: _OpenedCache) -> ShardWriter:
         }
     spec = cfg.target_spec
     return ShardWriter(
-        cache.layout.root,
+        cache.where,
         top_k=spec.max_entries,
         targets=spec,
         codec=DEFAULT_CODEC,
@@ -368,9 +425,9 @@ def _capture_windows(
 
 
 def _finish_replica(
-    cfg: CaptureConfig, cache: _OpenedCache, log: _BatchLog, resumed: int, elapsed: float
+    cfg: CaptureConfig, cache: _OpenedCache, log: _BatchLog, resumed: int, elapsed: float, finalize: bool = True
 ) -> CaptureResult:
-    """Records this replica as finished, then finalizes the cache when every replica is."""
+    """Records this replica as finished, then finalizes the cache when every replica is (and `finalize`)."""
     progress = log.progress
     replica_summary = {
         **log.summary.to_dict(),
@@ -382,9 +439,9 @@ def _finish_replica(
         "tokens_per_second": round(progress.tokens_per_second, 1),
         "host": os.uname().nodename,
     }
-    root = cache.layout.root
+    root = cache.where
     write_replica_summary(root, replica=cfg.replica, num_replicas=cfg.num_replicas, summary=replica_summary)
-    manifest = _try_finalize(root)
+    manifest = _try_finalize(root) if finalize else None
     return CaptureResult("finished" if manifest else "replica_done", root, replica_summary, manifest)
 
 
@@ -393,20 +450,19 @@ def _capture_replica(
     cache: _OpenedCache,
     on_batch: Callable[[BatchProgress], None] | None,
     backend: TeacherBackend | None,
+    finalize: bool = True,
 ) -> CaptureResult:
     """Captures the windows of this replica's rows that the cache does not hold yet, then finishes the replica."""
-    layout = cache.layout
-    shards = complete_shards(layout.root, prefix=replica_prefix(cfg.replica))
-    done = set(done_sequence_ids(layout.root, shards).tolist())
+    shards = complete_shards(cache.where, prefix=replica_prefix(cfg.replica))
+    done = set(done_sequence_ids(cache.where, shards).tolist())
     if done:
         logger.info("resuming replica %d: %d sequences already stored", cfg.replica, len(done))
     summary = DataSummary()
     windows = iter_windows(cache.data.rows, cache.teacher.tokenizer, cfg.window_settings(cache.max_seq_len), summary)
     rows_total = len(range(cfg.replica, len(cache.data.rows), cfg.num_replicas))
     engine = _LazyEngine(cfg, cache, backend)
-    layout.logs_dir.mkdir(exist_ok=True)
     start = time.monotonic()
-    with layout.capture_log(cfg.replica).open("a", encoding="utf-8") as log_file:
+    with cache.store.append_text(cache.layout.capture_log(cfg.replica)) as log_file:
         log = _BatchLog(log_file, cfg.replica, summary, BatchProgress(0, rows_total, 0, 0, 0.0))
 
         def report() -> None:
@@ -420,21 +476,24 @@ def _capture_replica(
                 _capture_windows(windows, done, batch_size, lambda b: _capture_batch(b, engine, writer, log), report)
         finally:
             engine.close()
-    return _finish_replica(cfg, cache, log, len(done), time.monotonic() - start)
+    return _finish_replica(cfg, cache, log, len(done), time.monotonic() - start, finalize)
 
 
 def run_capture(
     cfg: CaptureConfig,
     on_batch: Callable[[BatchProgress], None] | None = None,
     backend: TeacherBackend | None = None,
+    *,
+    finalize: bool = True,
 ) -> CaptureResult:
     """Capture this replica's slice of the dataset into `cfg.output`, resuming whatever is already stored.
 
     `backend` reuses an engine that is already running (tests, benchmarks); it must match cfg's backend and targets,
     and is not closed here. By default the engine named by cfg starts when the first batch needs it.
+    `finalize=False` leaves the manifest to a launcher that finalizes once (launch_ray.py): status "replica_done".
     """
     cache = _open_cache(cfg, backend)
-    result = _nothing_to_capture(cfg, cache)
+    result = _nothing_to_capture(cfg, cache, finalize)
     if result is not None:
         return result
-    return _capture_replica(cfg, cache, on_batch, backend)
+    return _capture_replica(cfg, cache, on_batch, backend, finalize)

@@ -79,6 +79,7 @@ def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags:
 
     from logitcache.pipeline.capture import BatchProgress, run_capture
     from logitcache.pipeline.data import BadRowError
+    from logitcache.pipeline.launch_ray import LaunchError, launch_ray
 
     bar = _ProgressBar(cfg.progress, unit="row", desc=f"replica {cfg.replica}")
 
@@ -86,8 +87,15 @@ def cache_teacher(config_file: str | None, engine_arg: tuple[str, ...], **flags:
         bar.update(p.rows_done, p.rows_total, seqs=p.sequences, tok_s=f"{p.tokens_per_second:,.0f}")
 
     try:
-        result = run_capture(cfg, on_batch=on_batch)
-    except (ValueError, FileNotFoundError, CacheFormatError, BadRowError) as e:
+        if cfg.generate:
+            from logitcache.pipeline.gen_capture import run_generate_capture
+
+            result = run_generate_capture(cfg, on_batch=on_batch)
+        elif cfg.launcher == "ray":  # every replica, on the Ray cluster; the manifest is written once at the end
+            result = launch_ray(cfg)
+        else:
+            result = run_capture(cfg, on_batch=on_batch)
+    except (ValueError, FileNotFoundError, CacheFormatError, BadRowError, LaunchError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         bar.close()

@@ -15,6 +15,7 @@ BACKENDS = ("vllm", "hf")
 OVERFLOW_POLICIES = ("split", "truncate")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOGPROBS_PATHS = ("flat", "raw")
+LAUNCHERS = ("local", "ray")
 # The allowed values of the string fields that take one of a few (the CLI offers them as choices).
 CHOICES = {
     "backend": BACKENDS,
@@ -22,6 +23,8 @@ CHOICES = {
     "dtype": DTYPES,
     "vllm_logprobs_path": LOGPROBS_PATHS,
     "targets": TARGET_MODES,
+    "launcher": LAUNCHERS,
+    "generate_prompt_format": ("chat", "text"),
 }
 # TargetSpec's parameters (CaptureConfig fields of the same names), and those each mode uses: the others must stay
 # at their defaults.
@@ -84,6 +87,33 @@ class CaptureConfig:
         "assistant",
         "Chat data: comma-separated roles whose turns are training targets, of system, user, assistant (every turn of them, in multi-turn chats too). Never `tool`: tool outputs come from the environment, not the model.",
     )
+    response_ids: bool = option(
+        False,
+        "Score rows written by `logitcache generate` on their exact token ids (`prompt_token_ids` + `response_token_ids`) instead of re-tokenizing their text; only the response tokens are training targets. The teacher must use the generator's tokenizer (checked against generation.json next to the dataset).",
+    )
+    generate: bool = option(
+        False,
+        "The teacher first writes the assistant turn of every prompt row (`--text-field` prefixes or `--messages-field` chats ending in a user turn; vLLM only), then its targets are stored on the generated tokens only. Responses: --generate-output.",
+    )
+    generate_output: str | None = option(
+        None,
+        "--generate: directory of the responses (a `logitcache generate` output, resumable). None = OUTPUT-responses.",
+    )
+    generate_n: int = option(1, "--generate: responses sampled per prompt.")
+    generate_temperature: float = option(
+        1.0,
+        "--generate: sampling temperature (0 = greedy); the stored targets are the T=1 distribution whatever it is.",
+    )
+    generate_top_p: float = option(1.0, "--generate: nucleus sampling threshold, in (0, 1].")
+    generate_max_new_tokens: int = option(256, "--generate: most tokens per response (a cut response is kept).")
+    generate_seed: int = option(0, "--generate: seeds every response with its (seed, prompt index, sample index).")
+    generate_prompt_format: str = option(
+        "chat",
+        "--generate: `chat` (prompts as user turns, chat template) or `text` (plain text the response continues).",
+    )
+    generate_prompt_tokens: int | None = option(
+        None, "--generate with `--generate-prompt-format text`: keep the first N tokens of each prompt."
+    )
     split: str = option("train", "Dataset split (local files have only `train`).")
     limit: int | None = option(None, "Use only the first `limit` rows of the split (before the replica split).")
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per replica).")
@@ -96,6 +126,14 @@ class CaptureConfig:
         0, "This process's replica index, 0 <= replica < num_replicas; it takes rows with row_index % N == replica."
     )
     num_replicas: int = option(1, "Number of independent data-parallel replicas writing into the same cache.")
+    launcher: str = option(
+        "local",
+        "`local`: this process is replica --replica; `ray`: start all --num-replicas replicas on the Ray cluster (one per TP x PP group of GPUs, or a share of the CPU cores), restart those that die, finalize once (`pip install 'logitcache[ray]'`).",
+    )
+    max_replica_restarts: int = option(
+        3,
+        "`--launcher ray`: how many times a replica that dies is restarted (it resumes from its stored shards) before the command fails.",
+    )
     batch_size: int | None = option(
         None, "Sequences per engine call (one progress/shard-write step). None = 8 for hf, 256 for vllm."
     )
@@ -152,11 +190,13 @@ class CaptureConfig:
         )
         if not 0 <= self.replica < max(self.num_replicas, 1):
             errors.append(f"`--replica` must be in [0, --num-replicas={self.num_replicas}) (got {self.replica})")
+        errors += _launcher_problems(self)
         if self.vllm_logprobs_path not in LOGPROBS_PATHS:
             errors.append(f"`--vllm-logprobs-path` must be flat or raw (got {self.vllm_logprobs_path!r})")
         errors += _engine_problems(self)
         if self.shard_size_bytes is not None and self.shard_size_bytes < 1:
             errors.append(f"`--shard-size-bytes` must be >= 1 (got {self.shard_size_bytes})")
+        errors += self._generate_problems()
         if self.backend == "hf":
             if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
                 errors.append("`--tensor-parallel-size`/`--pipeline-parallel-size` > 1 need `--backend vllm`")
@@ -164,6 +204,39 @@ class CaptureConfig:
                 errors.append(f"`--engine-arg` is for `--backend vllm` only (got {sorted(self.engine_args)})")
         if errors:
             raise ValueError("invalid capture config:\n  - " + "\n  - ".join(errors))
+
+    def _generate_problems(self) -> list[str]:
+        """--generate's settings: only with --generate, on vLLM, with valid sampling values."""
+        names = [f.name for f in fields(self) if f.name.startswith("generate_")]
+        defaults = {f.name: f.default for f in fields(self)}
+        if not self.generate:
+            return [
+                f"`{flag(name)}` is used only with `--generate` (got {getattr(self, name)!r}); add --generate or leave it out"
+                for name in names
+                if getattr(self, name) != defaults[name]
+            ]
+        errors = _positive_problems(self, ("generate_n", "generate_max_new_tokens"))
+        if self.backend != "vllm":
+            errors.append("`--generate` needs `--backend vllm` (the responses are sampled by vLLM)")
+        if "://" in self.output and self.generate_output is None:
+            errors.append(
+                f"`--generate` with `--output {self.output}`: the responses are written locally; give "
+                "`--generate-output` a local directory"
+            )
+        if self.num_replicas > 1:
+            errors.append(
+                "`--generate` runs as one replica (`--num-replicas 1`); generate responses with `logitcache generate` per replica, then capture them"
+            )
+        if not self.generate_temperature >= 0:
+            errors.append(f"`--generate-temperature` must be >= 0 (got {self.generate_temperature})")
+        if not 0 < self.generate_top_p <= 1:
+            errors.append(f"`--generate-top-p` must be in (0, 1] (got {self.generate_top_p})")
+        return errors
+
+    @property
+    def responses_dir(self) -> str:
+        """Where --generate writes its responses."""
+        return self.generate_output or f"{self.output.rstrip('/')}-responses"
 
     def _implied_targets(self) -> str:
         """The mode when --targets is not given: the one a given --top-p or --top-k belongs to, else `sampled`."""
@@ -198,7 +271,13 @@ class CaptureConfig:
 
     def window_settings(self, max_seq_len: int) -> WindowSettings:
         """How this capture turns rows into windows, with the resolved `max_seq_len` (see resolve_max_seq_len)."""
-        return settings_from(WindowSettings, self, max_seq_len=max_seq_len, train_roles=self.train_role_names)
+        return settings_from(
+            WindowSettings,
+            self,
+            max_seq_len=max_seq_len,
+            train_roles=self.train_role_names,
+            response_ids=self.response_ids or self.generate,
+        )
 
     @property
     def train_role_names(self) -> tuple[str, ...]:
@@ -215,7 +294,8 @@ class CaptureConfig:
         return _from_sources(cls, "capture", config_file, overrides)
 
 
-GENERATE_CHOICES = {"dtype": DTYPES}
+PROMPT_FORMATS = ("chat", "text")
+GENERATE_CHOICES = {"dtype": DTYPES, "prompt_format": PROMPT_FORMATS}
 
 
 @dataclass(frozen=True)
@@ -235,6 +315,13 @@ class GenerateConfig:
     messages_field: str | None = option(
         None,
         "Column of chat prompts ([{role, content}] ending in a user turn); the model's generation prompt is added.",
+    )
+    prompt_format: str = option(
+        "chat",
+        "`chat`: each prompt is rendered with the model's chat template and the response is an assistant turn (rows hold `messages`); `text`: a plain-text prompt the response continues, for base models and corpus prefixes (rows hold `prompt` and `text` = prompt + response).",
+    )
+    prompt_tokens: int | None = option(
+        None, "`--prompt-format text`: keep only the first N tokens of each prompt (prefixes of a corpus)."
     )
     split: str = option("train", "Dataset split (local files have only `train`).")
     max_prompts: int | None = option(None, "Use only the first `max_prompts` rows of the split.")
@@ -284,8 +371,23 @@ class GenerateConfig:
             object.__setattr__(self, "stop", tuple(stop))
         errors = _required_problems(self, ("model", "dataset", "output"))
         errors += _positive_problems(
-            self, ("max_prompts", "n", "max_new_tokens", "batch_size", "tensor_parallel_size", "pipeline_parallel_size")
+            self,
+            (
+                "max_prompts",
+                "n",
+                "max_new_tokens",
+                "batch_size",
+                "tensor_parallel_size",
+                "pipeline_parallel_size",
+                "prompt_tokens",
+            ),
         )
+        if self.prompt_format not in PROMPT_FORMATS:
+            errors.append(f"`--prompt-format` must be one of {', '.join(PROMPT_FORMATS)} (got {self.prompt_format!r})")
+        elif self.prompt_format == "text" and self.messages_field:
+            errors.append("`--messages-field` needs `--prompt-format chat`: text prompts come from `--text-field`")
+        elif self.prompt_format == "chat" and self.prompt_tokens is not None:
+            errors.append("`--prompt-tokens` applies to `--prompt-format text` prompts only")
         if self.max_model_len is not None and self.max_model_len < 2:
             errors.append(
                 f"`--max-model-len` must be >= 2, a prompt token and a response token (got {self.max_model_len})"
@@ -349,6 +451,28 @@ def _positive_problems(cfg: object, names: tuple[str, ...]) -> list[str]:
         for name in names
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1
     ]
+
+
+def _launcher_problems(cfg: CaptureConfig) -> list[str]:
+    """--launcher and the settings that only it uses."""
+    if cfg.launcher not in LAUNCHERS:
+        return [f"`--launcher` must be one of {', '.join(LAUNCHERS)} (got {cfg.launcher!r})"]
+    errors = []
+    if cfg.launcher == "ray" and cfg.replica != 0:
+        errors.append(
+            f"`--replica` is chosen for each replica by `--launcher ray` (got {cfg.replica}); leave it out and give "
+            "`--num-replicas`"
+        )
+    if cfg.launcher == "ray" and "://" in cfg.output:
+        errors.append(
+            f"`--launcher ray` writes to a path every node shares (got `--output {cfg.output}`); object-storage "
+            "outputs work with per-process replicas: `--replica I --num-replicas N` (a SLURM array), then finalize"
+        )
+    if cfg.launcher == "ray" and cfg.generate:
+        errors.append("`--generate` runs with `--launcher local` (one replica); leave out `--launcher ray`")
+    if cfg.max_replica_restarts < 0:
+        errors.append(f"`--max-replica-restarts` must be >= 0 (got {cfg.max_replica_restarts})")
+    return errors
 
 
 def _engine_problems(cfg: Any) -> list[str]:

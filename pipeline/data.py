@@ -346,6 +346,7 @@ class WindowSettings:
     text_field: str = "text"  # the column of plain text, read when messages_field is None
     messages_field: str | None = None  # the column of chat messages
     train_roles: tuple[str, ...] = TRAIN_ROLES_DEFAULT  # chat turns in the loss mask (parse_train_roles)
+    response_ids: bool = False  # rows carry prompt_token_ids + response_token_ids (from `generate`): score those
     overflow: str = "split"  # longer rows: windows overlapping by one token ("split") or the head ("truncate")
     replica: int = 0  # this replica takes the rows with row_index % num_replicas == replica
     num_replicas: int = 1
@@ -361,17 +362,16 @@ def iter_windows(
     position are dropped and counted in `summary.skipped_windows`, under --strict too (a long prompt's first windows
     are normal); a row none of whose windows has one is a bad row (`no_loss_positions`).
     """
-    max_seq_len, overflow, messages_field = settings.max_seq_len, settings.overflow, settings.messages_field
-    column = messages_field or settings.text_field
-    if column not in rows.column_names:
-        flag = "--messages-field" if messages_field else "--text-field"
-        raise ValueError(f"the dataset has no column {column!r} ({flag}); its columns are {rows.column_names}")
+    max_seq_len, overflow = settings.max_seq_len, settings.overflow
+    columns = _columns(rows, settings)
+    column = columns[0]
     summary = summary if summary is not None else DataSummary()
     indices = range(settings.replica, len(rows), settings.num_replicas)
-    # Reading one column in slices keeps memory bounded and skips decoding the other columns.
+    # Reading the row's columns in slices keeps memory bounded and skips decoding the others.
     for base in range(0, len(indices), 1024):
         chunk = indices[base : base + 1024]
-        values = rows.select(chunk).with_format(None)[column]
+        part = rows.select(chunk).with_format(None)
+        values = zip(*(part[c] for c in columns)) if settings.response_ids else part[column]
         for row_index, value in zip(chunk, values):
             summary.rows += 1
             try:
@@ -398,6 +398,46 @@ def iter_windows(
                 summary.sequences += 1
                 summary.tokens += len(window.input_ids)
                 yield window
+
+
+RESPONSE_ID_COLUMNS = ("prompt_token_ids", "response_token_ids")  # written by `logitcache generate`
+
+
+def _columns(rows: Any, settings: WindowSettings) -> tuple[str, ...]:
+    """The columns a row is read from; ValueError naming the flag when the dataset lacks one."""
+    if settings.response_ids:
+        missing = [c for c in RESPONSE_ID_COLUMNS if c not in rows.column_names]
+        if missing:
+            raise ValueError(
+                f"`--response-ids`: the dataset has no column {missing} (its columns are {rows.column_names}); it "
+                "reads the data.jsonl of `logitcache generate`, or drop --response-ids to score the text"
+            )
+        return RESPONSE_ID_COLUMNS
+    column = settings.messages_field or settings.text_field
+    if column not in rows.column_names:
+        flag = "--messages-field" if settings.messages_field else "--text-field"
+        raise ValueError(f"the dataset has no column {column!r} ({flag}); its columns are {rows.column_names}")
+    return (column,)
+
+
+def _response_id_row(value: tuple[Any, Any], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, response ids) -> (ids, mask True on the response); BadRowError for rows counted as skipped."""
+    prompt, response = value
+    if not isinstance(prompt, list) or not isinstance(response, list):
+        raise BadRowError("not_token_ids")
+    if not response:
+        raise BadRowError("empty_response")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (*prompt, *response)):
+        raise BadRowError("not_token_ids")
+    ids = np.asarray(prompt + response, np.int64)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise BadRowError(
+            "token_id_out_of_range",
+            f"token ids must be in [0, {vocab_size}) of the teacher's tokenizer; were the responses made with another?",
+        )
+    mask = np.zeros(len(ids), bool)
+    mask[len(prompt) :] = True
+    return ids.astype(np.int32), mask
 
 
 def _row_windows(
@@ -435,7 +475,9 @@ def _row_windows(
 
 def _tokenize_row(value: Any, tokenizer: Any, settings: WindowSettings) -> tuple[np.ndarray, np.ndarray]:
     """One row's value -> (ids, mask); raises BadRowError for rows that are counted as skipped."""
-    if settings.messages_field is not None:
+    if settings.response_ids:
+        ids, mask = _response_id_row(value, len(tokenizer))
+    elif settings.messages_field is not None:
         value = clean_messages(value)
         reason = _check_messages(value, settings.train_roles)
         if reason:

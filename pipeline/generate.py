@@ -1,8 +1,11 @@
 """`logitcache generate`: a model writes responses to a prompt set through vLLM, as chat rows cache-teacher reads.
 
 OUT_DIR/generation.json  what made the rows (model, tokenizer fingerprint, sampling, dataset), then the counts
-OUT_DIR/data.jsonl       one row per response: messages (prompt turns + the assistant turn), finish_reason,
-                         prompt_index (the dataset row), sample_index, response_tokens
+OUT_DIR/data.jsonl       one row per response: messages (prompt turns + the assistant turn; with --prompt-format
+                         text instead `prompt` and `text` = prompt + response), finish_reason,
+                         prompt_index (the dataset row), sample_index, response_tokens, and the exact token ids
+                         (prompt_token_ids: the rendered prompt; response_token_ids: what the model sampled, its
+                         end-of-sequence token included), which `cache-teacher --response-ids` scores as they are
 OUT_DIR/progress.json    after every batch of prompts, fsync'd: dataset rows consumed, and the rows and bytes of
                          data.jsonl they produced
 
@@ -102,20 +105,32 @@ class GenerateResult:
 @dataclass(frozen=True)
 class _Prompt:
     index: int  # dataset row
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] | None  # None: a plain-text prompt (--prompt-format text)
     token_ids: list[int]
+    text: str = ""  # the plain-text prompt as its token ids decode
+
+
+def _prompt_text(value: Any) -> str:
+    """A dataset value that is a text prompt; BadRowError (a skip reason) otherwise."""
+    if value is None:
+        raise BadRowError("missing_field")
+    if not isinstance(value, str):
+        raise BadRowError("not_string")
+    if not value.strip():
+        raise BadRowError("empty")
+    return value
+
+
+def _text_prompt(index: int, value: Any, tokenizer: Any, prompt_tokens: int | None) -> _Prompt:
+    """A plain-text prompt (its first `prompt_tokens` tokens); BadRowError for a value that is not one."""
+    ids = tokenizer(_prompt_text(value), add_special_tokens=True)["input_ids"][:prompt_tokens]
+    return _Prompt(index, None, list(ids), tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _prompt_messages(value: Any, chat: bool) -> list[dict[str, Any]]:
     """A dataset value -> prompt turns; BadRowError (a skip reason) for a value that is not a prompt."""
     if not chat:
-        if value is None:
-            raise BadRowError("missing_field")
-        if not isinstance(value, str):
-            raise BadRowError("not_string")
-        if not value.strip():
-            raise BadRowError("empty")
-        value = [{"role": "user", "content": value}]
+        value = [{"role": "user", "content": _prompt_text(value)}]
     messages = clean_messages(value)
     reason = chat_problem(messages)
     if reason is not None:
@@ -145,6 +160,8 @@ def _identity(cfg: GenerateConfig, model: TeacherInfo, dataset_fingerprint: str,
             "text_field": None if cfg.messages_field else cfg.text_field,
             "messages_field": cfg.messages_field,
             "max_prompts": cfg.max_prompts,
+            "prompt_format": cfg.prompt_format,
+            "prompt_tokens": cfg.prompt_tokens,
         },
     }
 
@@ -211,7 +228,7 @@ class _Engine:
 
     def get(self) -> Any:
         if self._llm is None:
-            from logitcache.pipeline.backends.vllm_backend import EngineSettings, start_llm
+            from logitcache.pipeline.backends.vllm_backend import EngineSettings, seeded_sampling_args, start_llm
 
             cfg = self._cfg
             settings = EngineSettings(
@@ -227,7 +244,7 @@ class _Engine:
                 max_logprobs=0,  # no log-probs are returned: the teacher scores the rows later
                 revision=cfg.revision,
                 trust_remote_code=cfg.trust_remote_code,
-                engine_args=cfg.engine_args,
+                engine_args={**seeded_sampling_args(), **cfg.engine_args},
             )
         return self._llm
 
@@ -247,16 +264,19 @@ def _batch_prompts(
     prompts, skipped = [], Counter[str]()
     for index, value in zip(range(start, stop), values):
         try:
-            messages = _prompt_messages(value, chat=cfg.messages_field is not None)
-            ids = render_prompt(tokenizer, messages)
-            if len(ids) >= max_model_len:
+            if cfg.prompt_format == "text":
+                prompt = _text_prompt(index, value, tokenizer, cfg.prompt_tokens)
+            else:
+                messages = _prompt_messages(value, chat=cfg.messages_field is not None)
+                prompt = _Prompt(index, messages, render_prompt(tokenizer, messages).tolist())
+            if len(prompt.token_ids) >= max_model_len:
                 raise BadRowError("prompt_too_long")
         except UnsupportedRoleError as e:
             raise UnsupportedRoleError(f"dataset row {index} (field {column!r}): {e}") from None
         except BadRowError as e:
             skipped[e.reason] += 1
             continue
-        prompts.append(_Prompt(index, messages, ids.tolist()))
+        prompts.append(prompt)
     return prompts, skipped
 
 
@@ -286,13 +306,21 @@ def _generate_rows(llm: Any, prompts: list[_Prompt], cfg: GenerateConfig, max_mo
         (completion,) = output.outputs
         if completion.finish_reason not in FINISH_REASONS:
             raise RuntimeError(f"vLLM finished prompt {p.index} sample {j} with {completion.finish_reason!r}")
+        if p.messages is None:
+            written: dict[str, Any] = {"prompt": p.text, "text": p.text + completion.text}
+        else:
+            written = {"messages": [*p.messages, {"role": "assistant", "content": completion.text}]}
         rows.append(
             {
-                "messages": [*p.messages, {"role": "assistant", "content": completion.text}],
+                **written,
                 "finish_reason": completion.finish_reason,
                 "prompt_index": p.index,
                 "sample_index": j,
                 "response_tokens": len(completion.token_ids),
+                # Re-tokenizing the text need not give back the sampled ids (BPE has many spellings of a string,
+                # and the text drops the EOS token): on-policy scoring needs the ids the model produced.
+                "prompt_token_ids": p.token_ids,
+                "response_token_ids": list(completion.token_ids),
             }
         )
     return rows
@@ -336,8 +364,11 @@ def run_generate(
     import vllm
 
     model = resolve_teacher(cfg.model, cfg.dtype, cfg.revision, cfg.trust_remote_code)
-    if not model.tokenizer.chat_template:
-        raise ValueError(f"--model {cfg.model}: its tokenizer has no chat template, and generate writes chat rows")
+    if cfg.prompt_format == "chat" and not model.tokenizer.chat_template:
+        raise ValueError(
+            f"--model {cfg.model}: its tokenizer has no chat template, which `--prompt-format chat` needs; use "
+            "`--prompt-format text` for a base model"
+        )
     max_model_len = _resolve_max_model_len(cfg, model)
     data = load_rows(cfg.dataset, cfg.split, cfg.max_prompts)
     column = cfg.messages_field or cfg.text_field

@@ -303,6 +303,13 @@ def start_llm(
         return LLM(**kwargs)
 
 
+def seeded_sampling_args() -> dict[str, Any]:
+    """Engine arguments for sampling with per-request seeds (`generate`). On CPU, chunked prefill is turned off: when
+    a step cuts a seeded request's prompt, vLLM 0.32 rewinds its torch.Generator's offset, which CPU generators do not
+    have ("CPU Generator does not use offset"; the engine dies). Seen in `bench_generation.py`'s rounds."""
+    return {"enable_chunked_prefill": False} if _is_cpu() else {}
+
+
 def shutdown_llm(llm: Any) -> None:
     """Shut a `start_llm` engine's core and workers down now rather than at interpreter exit."""
     engine = getattr(llm, "llm_engine", None)

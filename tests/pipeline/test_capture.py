@@ -95,19 +95,22 @@ def kill_then_resume(cmd: list[str], out: Path, kills_wanted: int = 2) -> subpro
     return done
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted single-process capture with SETTINGS."""
-    out = tmp_path_factory.mktemp("ref") / "cache"
+def capture_reference(tiny_demo_dir: Path, out: Path) -> Path:
+    """An uninterrupted single-process capture with SETTINGS into `out` (what the kill/resume tests compare with)."""
     cfg = CaptureConfig(
         teacher=str(tiny_demo_dir / "teacher"),
         dataset=str(tiny_demo_dir / "data" / "train.jsonl"),
         output=str(out),
         progress=False,
-        **SETTINGS,
-    )  # type: ignore[arg-type]
+        **SETTINGS,  # type: ignore[arg-type]
+    )
     assert run_capture(cfg).status == "finished"
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return capture_reference(tiny_demo_dir, tmp_path_factory.mktemp("ref") / "cache")
 
 
 def test_kill9_then_resume_equals_uninterrupted(tiny_demo_dir: Path, reference: Path, tmp_path: Path) -> None:

@@ -16,10 +16,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.pipeline.capture import run_capture
-from logitcache.pipeline.config import CaptureConfig
 from logitcache.storage import CacheReader
-from tests.pipeline.test_capture import SETTINGS, assert_same_content, capture_command
+from tests.pipeline.test_capture import SETTINGS, assert_same_content, capture_command, capture_reference
 from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, bucket_objects
 
 BIN = Path(sys.executable).parent
@@ -67,16 +65,7 @@ def _kill_after_first_shard(cmd: list[str], client: Any, bucket: str) -> None:
 @pytest.fixture(scope="module")
 def local_reference(tiny_demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted local capture with the same settings."""
-    out = tmp_path_factory.mktemp("ref") / "cache"
-    cfg = CaptureConfig(
-        teacher=str(tiny_demo_dir / "teacher"),
-        dataset=str(tiny_demo_dir / "data" / "train.jsonl"),
-        output=str(out),
-        progress=False,
-        **SETTINGS,  # type: ignore[arg-type]
-    )
-    assert run_capture(cfg).status == "finished"
-    return out
+    return capture_reference(tiny_demo_dir, tmp_path_factory.mktemp("ref") / "cache")
 
 
 def test_s3_capture_killed_resumed_verified_and_trained_from(

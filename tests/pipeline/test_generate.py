@@ -229,6 +229,24 @@ def test_generate_then_cache_teacher_then_verify(
         assert len(seqs) == len(rows)
         for s, r in zip(seqs, rows):
             assert tok.decode(s.input_ids[s.loss_mask]) == r["messages"][-1]["content"] + "<|end|>"
+        # The rows carry the sampled ids: the prompt as rendered, the response as sampled (its EOS when it stopped).
+        for r in rows:
+            assert tok.decode(r["prompt_token_ids"]) == tok.apply_chat_template(
+                r["messages"][:-1], tokenize=False, add_generation_prompt=True
+            )
+            assert len(r["response_token_ids"]) == r["response_tokens"]
+            assert (r["response_token_ids"][-1] == tok.eos_token_id) == (r["finish_reason"] == "stop")
+        # --response-ids scores exactly those ids; the response alone is trained.
+        by_ids = tmp_path / f"cache-ids-{kind}"
+        args = ["--teacher", str(tiny_teacher_dir), "--dataset", str(out / DATA_FILE), "--output", str(by_ids)]
+        args += ["--response-ids", "--backend", "hf", "--top-k", "4", "--no-progress"]
+        res = CliRunner().invoke(cache_teacher, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        seqs = sorted(CacheReader(by_ids).iter_sequences(), key=lambda s: s.sequence_id)
+        assert len(seqs) == len(rows) and CacheReader(by_ids).manifest["capture"]["response_ids"] is True
+        for s, r in zip(seqs, rows):
+            assert s.input_ids.tolist() == r["prompt_token_ids"] + r["response_token_ids"]
+            assert s.loss_mask.tolist() == [False] * len(r["prompt_token_ids"]) + [True] * r["response_tokens"]
 
 
 def test_seeded_rows_do_not_depend_on_batching(
@@ -298,3 +316,26 @@ def test_killed_run_resumes_without_loss_or_duplication(
     rows = _rows(out)
     assert len({(r["prompt_index"], r["sample_index"]) for r in rows}) == len(rows) == 12
     assert GenerateProgress.from_dict(json.loads((out / PROGRESS_FILE).read_text()), 6).samples == 12
+
+
+def test_text_prompts_continue_corpus_prefixes(
+    llm: Any, tiny_teacher_dir: Path, prompts: dict[str, Path], tmp_path: Path
+) -> None:
+    """--prompt-format text: the first --prompt-tokens tokens of each text, continued without a chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    out = tmp_path / "text"
+    cfg = _config(tiny_teacher_dir, prompts["text"], out, prompt_format="text", prompt_tokens=6, n=1)
+    assert run_generate(cfg, llm=llm).status == "finished"
+    rows = _rows(out)
+    sources = [json.loads(line)["text"] for line in prompts["text"].read_text().splitlines()]
+    assert len(rows) == len(sources)
+    for r, source in zip(rows, sources):
+        assert "messages" not in r and r["text"].startswith(r["prompt"])
+        assert r["prompt_token_ids"] == tok(source)["input_ids"][:6]
+        assert r["text"] == r["prompt"] + tok.decode(r["response_token_ids"], skip_special_tokens=True)
+    with pytest.raises(ValueError, match=r"`--prompt-tokens` applies to `--prompt-format text`"):
+        _config(tiny_teacher_dir, prompts["text"], out, prompt_tokens=6)
+    with pytest.raises(ValueError, match=r"`--messages-field` needs `--prompt-format chat`"):
+        _config(tiny_teacher_dir, prompts["chat"], out, prompt_format="text", messages_field="messages")
