@@ -21,6 +21,8 @@ _EXPORTS = {
     "render_chat": "data",
     "DemoSpec": "demo_teacher",
     "build_demo": "demo_teacher",
+    "ReplicaFailedError": "launch_ray",
+    "launch_ray": "launch_ray",
     "compact_entries": "targets",
     "targets_from_logprobs": "targets",
 }
