@@ -187,11 +187,17 @@ def throughput(args: argparse.Namespace, repeats: int = 2) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from logitcache.pipeline.backends.vllm_backend import EngineSettings, shutdown_llm, start_llm
+    from logitcache.pipeline.backends.vllm_backend import (
+        EngineSettings,
+        seeded_sampling_args,
+        shutdown_llm,
+        start_llm,
+    )
     from logitcache.pipeline.config import GenerateConfig
     from logitcache.pipeline.generate import run_generate, sample_seed
 
-    llm = start_llm(EngineSettings(str(args.teacher), "float32", 256, 1, 1, 0.15), max_logprobs=0)
+    settings = EngineSettings(str(args.teacher), "float32", 256, 1, 1, 0.15)
+    llm = start_llm(settings, max_logprobs=0, engine_args={"enforce_eager": True, **seeded_sampling_args()})
     out = args.work / "throughput"
     cfg = GenerateConfig(
         model=str(args.teacher), dataset=str(args.train_prompts), output=str(out), prompt_format="text",
@@ -240,7 +246,11 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--arms", default="ce,word_kd,seq_kd,seq_word_kd,on_policy_2,on_policy_4,mix")
     ap.add_argument("--throughput-only", action="store_true", help="only `generate` against plain vLLM generation")
+    ap.add_argument("--report-only", action="store_true", help="the table and figure from WORK/generation.json")
     args = ap.parse_args()
+    if args.report_only:
+        report(json.loads((args.work / "generation.json").read_text()), args.arms.split(","), args.work)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     LOGS.append(args.work / "logs")
     LOGS[0].mkdir(exist_ok=True)
@@ -316,10 +326,10 @@ def _measure(
         }
         out.write_text(json.dumps(doc, indent=1))
         print(f"seed {seed} done", flush=True)
-    report(doc, arms)
+    report(doc, arms, args.work)
 
 
-def report(doc: dict[str, Any], arms: list[str]) -> None:
+def report(doc: dict[str, Any], arms: list[str], work: Path) -> None:
     rows = {arm: {int(s): v[arm] for s, v in doc["seeds"].items()} for arm in arms}
     metrics = ("teacher_nll", "distinct_2", "distinct_3", "length", "heldout_ce", "heldout_kl")
     print("| arm | " + " | ".join(metrics) + " | Δ teacher-NLL vs word_kd | Δ distinct-2 | Δ held-out CE |")
@@ -328,6 +338,32 @@ def report(doc: dict[str, Any], arms: list[str]) -> None:
     for arm in arms:
         means = [statistics.mean(v[m] for v in rows[arm].values()) for m in metrics]
         print(f"| {arm} | " + " | ".join(f"{x:.3f}" for x in means) + f" | {d_nll[arm]} | {d_d2[arm]} | {d_ce[arm]} |")
+    plot(rows, arms, work / "generation.png")
+
+
+def plot(rows: dict[str, dict[int, dict[str, Any]]], arms: list[str], path: Path) -> None:
+    """Teacher NLL of each arm's continuations against the wall-clock time the arm took (its generation and scoring
+    included), one point per seed and the mean; seeds whose arm time was not measured (a resumed run) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        points = [(v["arm_seconds"], v["teacher_nll"]) for v in rows[arm].values() if v.get("arm_seconds", 0) > 5]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        dots = ax.scatter(xs, ys, alpha=0.4, s=18)
+        ax.scatter([statistics.mean(xs)], [statistics.mean(ys)], color=dots.get_facecolor()[0], s=70, label=arm)
+    ax.set_xlabel("arm wall-clock seconds (generate + score + train, 2-core CPU under load)")
+    ax.set_ylabel("teacher NLL of the student's continuations (nats/token)")
+    ax.set_title("Distilling generation: teacher-judged quality against training time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":
