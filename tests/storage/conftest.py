@@ -143,6 +143,15 @@ def small_cache(tmp_path: Path) -> tuple[Path, list[CachedSequence]]:
     return path, seqs
 
 
+# One spec per target mode (sampled with and without an exact top): the modes the format tests write and read.
+MODE_SPECS = {
+    "topk": TargetSpec(mode="topk", top_k=8),
+    "adaptive": TargetSpec(mode="adaptive", top_k=16, top_p=0.9),
+    "sampled": TargetSpec(mode="sampled", exact_top=2, samples=12, seed=7),
+    "sampled_r0": TargetSpec(mode="sampled", exact_top=0, samples=6, seed=1),
+}
+
+
 def mode_header(vocab: int, spec: TargetSpec, codec: str = DEFAULT_CODEC) -> dict[str, Any]:
     """A header for a cache of target mode `spec` (capture.top_k = M, capture.targets = the spec)."""
     return header(vocab, spec.max_entries, codec, targets=spec.to_header())

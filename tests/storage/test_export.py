@@ -22,16 +22,11 @@ from click.testing import CliRunner
 from logitcache.storage import CachedSequence, CacheReader, TargetSpec, write_cache
 from logitcache.storage.export import AXOLOTL_LOGPROB_PAD, ExportConfig, export_axolotl, export_cmd
 
+from .conftest import MODE_SPECS as SPECS
 from .conftest import header, make_mode_sequence, make_sequence, mode_header
 
 DATA = Path(__file__).parent.parent / "data"
 VOCAB = 200
-SPECS = {
-    "topk": TargetSpec(mode="topk", top_k=8),
-    "adaptive": TargetSpec(mode="adaptive", top_k=16, top_p=0.9),
-    "sampled": TargetSpec(mode="sampled", exact_top=2, samples=12, seed=7),
-    "sampled_r0": TargetSpec(mode="sampled", exact_top=0, samples=6, seed=1),
-}
 KEYS = ["input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs", "target_mask"]
 
 

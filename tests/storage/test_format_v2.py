@@ -25,17 +25,12 @@ from logitcache.storage import (
 )
 from logitcache.storage.verify import head_mass_tolerance
 
+from .conftest import MODE_SPECS as SPECS
 from .conftest import make_adaptive_sequence, make_mode_sequence, make_sampled_sequence, make_sequence, mode_header
 
 DATA = Path(__file__).parent.parent / "data"
 FORMAT_MD = Path(__file__).parent.parent.parent / "storage" / "FORMAT.md"
 VOCAB = 200
-SPECS = {
-    "topk": TargetSpec(mode="topk", top_k=8),
-    "adaptive": TargetSpec(mode="adaptive", top_k=16, top_p=0.9),
-    "sampled": TargetSpec(mode="sampled", exact_top=2, samples=12, seed=7),
-    "sampled_r0": TargetSpec(mode="sampled", exact_top=0, samples=6, seed=1),
-}
 
 
 def _write(path: Path, spec: TargetSpec, n: int = 24, codec: str = "lpq16:fine=1/512x4,coarse=1/32") -> list[Any]:
